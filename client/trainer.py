@@ -1,0 +1,251 @@
+"""Local DP-LoRA training with Opacus.
+
+One round on a host is ``local_steps`` DP-SGD steps over the adapter only:
+
+* Poisson sampling: each record joins each step's batch with probability ``q``
+  (``training.sample_rate``), independently of every other record;
+* per-sample gradients of the trainable LoRA tensors (Opacus ``GradSampleModule``),
+  clipped to ``max_grad_norm`` C;
+* Gaussian noise N(0, (sigma C)^2) added to the clipped sum, which is divided by the
+  fixed ``training.batch_size`` B, never by the realised batch size (that would leak it).
+
+Without DP (``privacy.enabled = false``) the same sampling and normaliser are used, with
+neither clipping nor noise, so the two modes differ only by the privacy mechanism.
+
+After training the update is checked before it may leave the host (opacus issue 820:
+DP + PEFT has silently produced unusable weights): it must be finite, must have changed,
+and the loss on the first trained batch must not have exploded.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+from collections import OrderedDict
+from dataclasses import dataclass
+from types import TracebackType
+
+import numpy as np
+import torch
+from opacus import GradSampleModule
+from opacus.optimizers import DPOptimizer
+
+from common.adapter import trainable_state
+from common.config import PrivacyConfig, TrainingConfig
+from common.errors import TrainingError
+from common.lm import Encoded, per_sample_loss
+from common.privacy import DPEvent
+
+__all__ = ["LocalTrainer", "LocalResult", "train_local", "check_update"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class LocalResult:
+    arrays: OrderedDict[str, np.ndarray]  # trained adapter, fp32
+    loss_before: float  # first batch, before any step
+    loss_after: float  # same batch, after the last step
+    mean_loss: float  # mean per-record loss over all trained batches
+    steps: int
+    event: DPEvent | None  # what the ledger must record; None without DP
+
+
+class LocalTrainer:
+    """DP-SGD (or plain SGD with the same sampling) over a model's trainable tensors.
+
+    Use as a context manager: Opacus hooks are attached on enter and removed on exit,
+    so a cached model is never left wrapped.
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        *,
+        training: TrainingConfig,
+        privacy: PrivacyConfig,
+        noise_multiplier: float | None,
+        seed: int,
+    ) -> None:
+        if privacy.enabled and not (noise_multiplier and noise_multiplier > 0):
+            raise TrainingError(
+                f"noise_multiplier must be > 0 for DP training, got {noise_multiplier}; "
+                "set privacy.enabled = false to train without DP"
+            )
+        self.model = model
+        self.training = training
+        self.privacy = privacy
+        self.noise_multiplier = noise_multiplier if privacy.enabled else None
+        self.sampler = torch.Generator().manual_seed(seed)
+        self.noise = torch.Generator().manual_seed(seed + 1)
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        if not self.params:
+            raise TrainingError("the model has no trainable adapter tensors")
+        lr = training.learning_rate
+        self.optimizer: torch.optim.Optimizer = (
+            torch.optim.Adam(self.params, lr=lr)
+            if training.optimizer == "adam"
+            else torch.optim.SGD(self.params, lr=lr)
+        )
+        self._gsm: GradSampleModule | None = None
+        self._dp: DPOptimizer | None = None
+        self._rng_ctx: contextlib.AbstractContextManager[None] | None = None
+        self._seed = seed
+
+    def __enter__(self) -> LocalTrainer:
+        # Dropout draws from the global generator: fork it so runs are reproducible.
+        self._rng_ctx = torch.random.fork_rng(devices=[])
+        self._rng_ctx.__enter__()
+        torch.manual_seed(self._seed + 2)
+        self.model.train()
+        if self.noise_multiplier is not None:
+            self._gsm = GradSampleModule(
+                self.model,
+                batch_first=True,
+                loss_reduction="mean",
+                force_functorch=self.privacy.grad_sample_mode == "functorch",
+            )
+            self._dp = DPOptimizer(
+                self.optimizer,
+                noise_multiplier=self.noise_multiplier,
+                max_grad_norm=self.privacy.max_grad_norm,
+                expected_batch_size=self.training.batch_size,
+                loss_reduction="mean",
+                generator=self.noise,
+            )
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if self._gsm is not None:
+            self._gsm._close()  # removes hooks and grad_sample attributes
+            self._gsm = None
+        for p in self.params:
+            p.grad = None
+        self.model.eval()
+        if self._rng_ctx is not None:
+            self._rng_ctx.__exit__(exc_type, exc, tb)
+
+    def sample(self, n: int) -> torch.Tensor:
+        """Poisson sample: indices of the records in this step's batch."""
+        keep = torch.rand(n, generator=self.sampler) < self.training.sample_rate
+        return keep.nonzero().flatten()
+
+    def step(self, batch: Encoded | None) -> torch.Tensor | None:
+        """One optimizer step on ``batch``; returns its per-record losses (detached)."""
+        if batch is None or len(batch) == 0:
+            self._noise_only_step()
+            return None
+        if self._dp is not None and self._gsm is not None:
+            self._dp.zero_grad(set_to_none=True)
+            losses = per_sample_loss(self._gsm, batch)  # (b,)
+            # Opacus "mean" reduction rescales grad samples by b, so each one is the
+            # gradient of its own record's loss; DPOptimizer divides by B, not b.
+            losses.mean().backward()
+            self._dp.step()
+        else:
+            self.optimizer.zero_grad(set_to_none=True)
+            losses = per_sample_loss(self.model, batch)
+            (losses.sum() / self.training.batch_size).backward()
+            self.optimizer.step()
+        return losses.detach()
+
+    def _noise_only_step(self) -> None:
+        """An empty Poisson batch still releases noise under DP (the accountant counts it)."""
+        if self.noise_multiplier is None:
+            return
+        std = self.noise_multiplier * self.privacy.max_grad_norm
+        for p in self.params:
+            noise = torch.normal(0.0, std, p.shape, generator=self.noise)
+            p.grad = noise / self.training.batch_size
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+
+def train_local(
+    model: torch.nn.Module,
+    data: Encoded,
+    *,
+    training: TrainingConfig,
+    privacy: PrivacyConfig,
+    noise_multiplier: float | None,
+    seed: int,
+    round_num: int = 0,
+) -> LocalResult:
+    """Train ``local_steps`` steps on ``data``; raise ``TrainingError`` on a bad update."""
+    if len(data) == 0:
+        raise TrainingError("no records to train on")
+    before = trainable_state(model)
+    probe: Encoded | None = None
+    loss_before = math.nan
+    total, count = 0.0, 0
+    with LocalTrainer(
+        model, training=training, privacy=privacy, noise_multiplier=noise_multiplier,
+        seed=seed,
+    ) as trainer:
+        for _ in range(training.local_steps):
+            idx = trainer.sample(len(data))
+            batch = data.take(idx) if len(idx) else None
+            losses = trainer.step(batch)
+            if losses is not None:
+                if probe is None:
+                    probe, loss_before = batch, float(losses.mean())
+                total += float(losses.sum())
+                count += len(losses)
+    loss_after = loss_before
+    if probe is not None:
+        with torch.no_grad():
+            loss_after = float(per_sample_loss(model, probe).mean())
+    after = trainable_state(model)
+    check_update(before, after, loss_before, loss_after, training.max_loss_ratio)
+    event = None
+    if privacy.enabled and noise_multiplier is not None:
+        event = DPEvent(
+            noise_multiplier=noise_multiplier,
+            sample_rate=training.sample_rate,
+            steps=training.local_steps,
+            round=round_num,
+        )
+    return LocalResult(
+        arrays=after,
+        loss_before=loss_before,
+        loss_after=loss_after,
+        mean_loss=total / count if count else math.nan,
+        steps=training.local_steps,
+        event=event,
+    )
+
+
+def check_update(
+    before: dict[str, np.ndarray],
+    after: dict[str, np.ndarray],
+    loss_before: float,
+    loss_after: float,
+    max_loss_ratio: float,
+) -> None:
+    """Refuse an update that is not finite, did not change, or made the loss explode."""
+    for name, value in after.items():
+        if not np.isfinite(value).all():
+            raise TrainingError(
+                f"local update is not finite (NaN/Inf in {name}); this host's round "
+                "is failed instead of sending it"
+            )
+    changed = max(float(np.abs(after[k] - before[k]).max()) for k in after)
+    if changed == 0.0:
+        raise TrainingError(
+            "local training left the adapter unchanged (no gradient reached the LoRA "
+            "tensors); this host's round is failed instead of sending it"
+        )
+    if math.isfinite(loss_before) and not (
+        math.isfinite(loss_after) and loss_after <= max_loss_ratio * loss_before
+    ):
+        raise TrainingError(
+            f"loss on the trained batch went from {loss_before:.3f} to {loss_after:.3f} "
+            f"(more than training.max_loss_ratio = {max_loss_ratio}x); this host's "
+            "round is failed instead of sending the update"
+        )

@@ -1,0 +1,98 @@
+"""Adapter tensors <-> Flower ``ArrayRecord``.
+
+Only trainable adapter tensors travel. Names are the PEFT checkpoint names (Opacus's
+``_module.`` prefix and PEFT's adapter name stripped), in the model's parameter order,
+so every host and the server agree on them. The global adapter is kept in fp32;
+updates travel as deltas in fp16 (or fp32).
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+
+import numpy as np
+import torch
+from flwr.app import Array, ArrayRecord
+
+from common.errors import TrainingError
+
+__all__ = [
+    "canonical_name",
+    "trainable_state",
+    "load_trainable_state",
+    "to_record",
+    "from_record",
+    "encode_delta",
+    "apply_delta",
+    "check_compatible",
+]
+
+def canonical_name(name: str) -> str:
+    """``_module.base_model...lora_B.default.weight`` -> ``base_model...lora_B.weight``."""
+    while name.startswith("_module."):
+        name = name[len("_module.") :]
+    return name.replace(".default.", ".")
+
+
+def trainable_state(model: torch.nn.Module) -> OrderedDict[str, np.ndarray]:
+    """Copies of the trainable tensors as fp32 numpy arrays, in parameter order."""
+    return OrderedDict(
+        (canonical_name(n), p.detach().to(torch.float32).cpu().numpy().copy())
+        for n, p in model.named_parameters()
+        if p.requires_grad
+    )
+
+
+def load_trainable_state(
+    model: torch.nn.Module, arrays: OrderedDict[str, np.ndarray] | dict[str, np.ndarray]
+) -> None:
+    """Copy ``arrays`` into the model's trainable tensors; names and shapes must match."""
+    params = {canonical_name(n): p for n, p in model.named_parameters() if p.requires_grad}
+    check_compatible(arrays, {k: tuple(p.shape) for k, p in params.items()})
+    with torch.no_grad():
+        for name, value in arrays.items():
+            params[name].copy_(torch.from_numpy(np.asarray(value, dtype=np.float32)))
+
+
+def check_compatible(
+    arrays: dict[str, np.ndarray], shapes: dict[str, tuple[int, ...]]
+) -> None:
+    """Raise with the first offending tensor if names or shapes differ."""
+    missing = [k for k in shapes if k not in arrays]
+    extra = [k for k in arrays if k not in shapes]
+    if missing or extra:
+        raise TrainingError(
+            f"adapter tensors do not match the model: missing {missing[:3]}, "
+            f"unexpected {extra[:3]}; host and server must use the same model and lora "
+            "settings"
+        )
+    for key, shape in shapes.items():
+        if tuple(arrays[key].shape) != shape:
+            raise TrainingError(
+                f"adapter tensor {key} has shape {tuple(arrays[key].shape)}, "
+                f"expected {shape}"
+            )
+
+
+def to_record(arrays: dict[str, np.ndarray], dtype: str = "float32") -> ArrayRecord:
+    return ArrayRecord(
+        OrderedDict((k, Array(np.ascontiguousarray(v, dtype=dtype))) for k, v in arrays.items())
+    )
+
+
+def from_record(record: ArrayRecord) -> OrderedDict[str, np.ndarray]:
+    """fp32 copies of every tensor in ``record``, in its order."""
+    return OrderedDict((k, v.numpy().astype(np.float32)) for k, v in record.items())
+
+
+def encode_delta(
+    new: dict[str, np.ndarray], old: dict[str, np.ndarray], dtype: str
+) -> ArrayRecord:
+    """``new - old`` in the wire dtype."""
+    return to_record({k: new[k] - old[k] for k in new}, dtype=dtype)
+
+
+def apply_delta(
+    base: dict[str, np.ndarray], delta: dict[str, np.ndarray]
+) -> OrderedDict[str, np.ndarray]:
+    return OrderedDict((k, (base[k] + delta[k]).astype(np.float32)) for k in base)

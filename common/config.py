@@ -1,0 +1,239 @@
+"""Run configuration: one TOML file, validated once into frozen pydantic models.
+
+The same models are built from a TOML file (``RunConfig.from_toml``), from Flower's
+flat ``run_config`` (``RunConfig.from_flat``, keys like ``privacy.target-epsilon``) and
+from the ConfigRecord the server sends to hosts. Unknown keys are errors.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+import tomli_w
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from common.errors import ConfigError
+
+__all__ = [
+    "ModelConfig",
+    "LoraSettings",
+    "PrivacyConfig",
+    "TrainingConfig",
+    "FederationConfig",
+    "DataConfig",
+    "RunConfig",
+    "format_validation_error",
+]
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid", validate_default=True)
+
+
+class ModelConfig(_Frozen):
+    name: str = Field(
+        "smollm2-135m",
+        description="Preset name (smollm2-135m, tiny-llama, tiny-gpt2, tiny-gptneox, "
+        "tiny-qwen2), a local model folder, or a Hugging Face cache name.",
+    )
+    max_length: int = Field(40, ge=8, le=4096, description="Tokens per record.")
+
+
+class LoraSettings(_Frozen):
+    rank: int = Field(4, ge=1, le=256, description="LoRA rank r.")
+    alpha: float = Field(8.0, gt=0, description="LoRA scaling numerator (alpha/r).")
+    dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Dropout on LoRA input.")
+    targets: list[str] | None = Field(
+        None, description="Module names to adapt; detected per architecture if unset."
+    )
+    ffa: bool = Field(
+        True,
+        description="FFA-LoRA: A frozen at its seeded init, only B trained and sent.",
+    )
+
+
+class PrivacyConfig(_Frozen):
+    enabled: bool = Field(True, description="DP-SGD on hosts; false trains without DP.")
+    target_epsilon: float | None = Field(
+        8.0, gt=0, description="Per-host epsilon after all planned rounds."
+    )
+    noise_multiplier: float | None = Field(
+        None, gt=0, description="Gaussian noise sigma; overrides target_epsilon."
+    )
+    delta: float = Field(1e-5, gt=0, lt=1, description="DP delta.")
+    max_grad_norm: float = Field(1.0, gt=0, description="Per-record clipping bound C.")
+    accountant: Literal["rdp", "prv"] = Field("rdp", description="Opacus accountant.")
+    grad_sample_mode: Literal["hooks", "functorch"] = Field(
+        "hooks", description="Opacus per-sample gradient mode."
+    )
+
+    @model_validator(mode="after")
+    def _one_noise_source(self) -> PrivacyConfig:
+        if self.enabled and self.target_epsilon is None and self.noise_multiplier is None:
+            raise ValueError(
+                "set privacy.target_epsilon or privacy.noise_multiplier when "
+                "privacy.enabled = true"
+            )
+        return self
+
+
+class TrainingConfig(_Frozen):
+    local_steps: int = Field(4, ge=1, description="DP-SGD steps per host per round.")
+    batch_size: int = Field(
+        16, ge=1, description="Fixed normaliser B of each step's gradient sum."
+    )
+    sample_rate: float = Field(
+        0.05,
+        gt=0,
+        le=1,
+        description="Poisson rate q: each record joins each step's batch with "
+        "probability q, independent of every other record.",
+    )
+    learning_rate: float = Field(2e-3, gt=0, description="Local learning rate.")
+    optimizer: Literal["adam", "sgd"] = Field("adam", description="Local optimizer.")
+    update_dtype: Literal["float16", "float32"] = Field(
+        "float16", description="Wire dtype of adapter deltas."
+    )
+    max_loss_ratio: float = Field(
+        4.0,
+        gt=1,
+        description="A host fails its round if its loss after training exceeds "
+        "this multiple of the loss before.",
+    )
+
+
+class FederationConfig(_Frozen):
+    hosts: int = Field(4, ge=1, description="Virtual hosts in simulation.")
+    rounds: int = Field(3, ge=1, description="Federated rounds.")
+    fraction_train: float = Field(1.0, gt=0, le=1, description="Hosts sampled a round.")
+    min_hosts: int = Field(1, ge=1, description="Minimum hosts to start a round.")
+    fraction_evaluate: float = Field(
+        0.0, ge=0, le=1, description="Hosts asked for local evaluation (not DP)."
+    )
+    round_timeout: float = Field(3600.0, gt=0, description="Seconds to wait a round.")
+
+
+class DataConfig(_Frozen):
+    source: str = Field(
+        "builtin",
+        description="'builtin' streams, or a folder with one sub-folder per host of "
+        ".jsonl/.txt files.",
+    )
+    records_per_host: int = Field(320, ge=1, description="Built-in records per host.")
+    heldout_per_domain: int = Field(24, ge=1, description="Held-out records a domain.")
+    eval_batch_size: int = Field(32, ge=1, description="Batch size for evaluation.")
+
+
+class RunConfig(_Frozen):
+    seed: int = Field(0, description="Seed for everything.")
+    out: str = Field("runs/latest", description="Run folder.")
+    model: ModelConfig = ModelConfig()
+    lora: LoraSettings = LoraSettings()
+    privacy: PrivacyConfig = PrivacyConfig()
+    training: TrainingConfig = TrainingConfig()
+    federation: FederationConfig = FederationConfig()
+    data: DataConfig = DataConfig()
+
+    # -- construction ---------------------------------------------------------------
+    @classmethod
+    def build(cls, data: dict[str, Any]) -> RunConfig:
+        try:
+            return cls.model_validate(data)
+        except ValidationError as err:
+            raise ConfigError(format_validation_error(err)) from None
+
+    @classmethod
+    def from_toml(cls, path: str | Path) -> RunConfig:
+        path = Path(path)
+        try:
+            data = tomllib.loads(path.read_text())
+        except FileNotFoundError:
+            raise ConfigError(f"config file {path} does not exist") from None
+        except tomllib.TOMLDecodeError as err:
+            raise ConfigError(f"config file {path} is not valid TOML: {err}") from None
+        return cls.build(data)
+
+    @classmethod
+    def from_flat(cls, flat: dict[str, Any]) -> RunConfig:
+        """Build from dotted keys (Flower run_config / ConfigRecord)."""
+        return cls.build(unflatten(flat))
+
+    def with_overrides(self, **sections: dict[str, Any]) -> RunConfig:
+        """A copy with some fields replaced, validated again."""
+        data = self.model_dump()
+        for key, value in sections.items():
+            if isinstance(value, dict):
+                data[key] = {**data[key], **value}
+            else:
+                data[key] = value
+        return RunConfig.build(data)
+
+    # -- serialisation --------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(exclude_none=True)
+
+    def to_toml(self) -> str:
+        return tomli_w.dumps(self.to_dict())
+
+    def to_flat(self) -> dict[str, Any]:
+        """Dotted keys with scalar values, as a Flower ConfigRecord holds them."""
+        flat: dict[str, Any] = {}
+        for key, value in flatten(self.to_dict()).items():
+            flat[key] = ",".join(value) if isinstance(value, list) else value
+        return flat
+
+    def fingerprint(self) -> str:
+        """Hash of everything that shapes the trained adapter (not where it is saved)."""
+        data = self.to_dict()
+        data.pop("out", None)
+        blob = json.dumps(data, sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(flatten(value, name + "."))
+        else:
+            out[name] = value
+    return out
+
+
+_LIST_FIELDS = {("lora", "targets")}
+
+
+def unflatten(flat: dict[str, Any]) -> dict[str, Any]:
+    nested: dict[str, Any] = {}
+    for key, value in flat.items():
+        parts = [p.replace("-", "_") for p in key.split(".")]
+        node = nested
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"config key {key!r} nests under a plain value")
+        if tuple(parts) in _LIST_FIELDS and isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        node[parts[-1]] = value
+    return nested
+
+
+def format_validation_error(err: ValidationError) -> str:
+    """One line per problem: ``privacy.delta: Input should be less than 1 (got 2)``."""
+    lines = []
+    for problem in err.errors():
+        field = ".".join(str(p) for p in problem["loc"]) or "config"
+        msg = problem["msg"].removeprefix("Value error, ")
+        if problem["type"] == "extra_forbidden":
+            msg = "unknown key; remove it or fix its spelling"
+            lines.append(f"{field}: {msg}")
+            continue
+        got = problem.get("input")
+        suffix = "" if isinstance(got, dict) else f" (got {got!r})"
+        lines.append(f"{field}: {msg}{suffix}")
+    return "invalid config: " + "; ".join(lines)

@@ -1,0 +1,147 @@
+"""The fedstream ServerApp: rounds of FedAvg over DP-LoRA deltas, with checkpoints.
+
+``run_server`` is the whole server loop; the ``app`` object below runs it from Flower's
+``run_config`` (``flwr run .``), and ``server.sim`` runs it in simulation.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+from flwr.app import ArrayRecord, Context, MetricRecord
+from flwr.serverapp import Grid, ServerApp
+
+from common.adapter import load_trainable_state, to_record, trainable_state
+from common.config import RunConfig
+from common.models import build_adapter_model, load_base_model
+from server.checkpoint import RunFolder, now
+from server.evaluation import HeldOut
+from server.report import write_report
+from server.strategy import AdapterFedAvg
+
+__all__ = ["app", "run_server"]
+
+log = logging.getLogger(__name__)
+
+RoundCallback = Callable[[dict[str, Any]], None]
+
+
+def run_server(
+    grid: Grid,
+    cfg: RunConfig,
+    *,
+    hosts_dir: str | None = None,
+    on_round: RoundCallback | None = None,
+    stop_after: int | None = None,
+) -> RunFolder:
+    """Run (or resume) the federation described by ``cfg`` on ``grid``.
+
+    ``stop_after`` ends this invocation after that round, as an interruption would;
+    running again with the same run folder resumes after the last complete round.
+    """
+    folder = RunFolder(cfg.out)
+    folder.bind(cfg)
+    folder.clean_partial()
+    base = load_base_model(cfg.model)
+    model = build_adapter_model(base, cfg.lora, seed=cfg.seed)
+    shapes = {k: tuple(v.shape) for k, v in trainable_state(model).items()}
+    start = folder.last_round()
+    arrays = folder.load_arrays(start, shapes) if start else trainable_state(model)
+    last = cfg.federation.rounds if stop_after is None else min(stop_after, cfg.federation.rounds)
+    if last <= start:
+        log.info("Run folder %s already has %d rounds; nothing to do", folder.path, start)
+        write_report(folder)
+        return folder
+    if start:
+        log.info("Resuming %s after round %d", folder.path, start)
+
+    heldout = HeldOut.for_run(cfg, base)
+    identity = base.identity()
+    epsilon: dict[str, float] = {}
+    for line in folder.read_metrics():
+        epsilon.update(line.get("epsilon", {}))
+
+    base_config: dict[str, Any] = {f"run.{k}": v for k, v in cfg.to_flat().items()}
+    if hosts_dir is not None:
+        base_config["hosts-dir"] = hosts_dir
+    fed = cfg.federation
+    strategy = AdapterFedAvg(
+        global_arrays=arrays,
+        base_config=base_config,
+        round_offset=start,
+        fraction_train=fed.fraction_train,
+        fraction_evaluate=fed.fraction_evaluate,
+        min_train_nodes=fed.min_hosts,
+        min_evaluate_nodes=fed.min_hosts,
+        min_available_nodes=fed.min_hosts,
+    )
+    clock = {"t": time.perf_counter()}
+
+    def evaluate_fn(server_round: int, _arrays: ArrayRecord) -> MetricRecord | None:
+        rnd = start + server_round
+        if server_round == 0:
+            if start == 0 and not folder.read_metrics():
+                line = {"round": 0, "heldout": heldout.evaluate(model), "time": now()}
+                folder.append_metrics(line)
+                if on_round:
+                    on_round(line)
+            clock["t"] = time.perf_counter()
+            return None
+        outcome = strategy.outcome
+        load_trainable_state(model, strategy.global_arrays)
+        scores = heldout.evaluate(model)
+        for h, m in outcome.metrics.items():
+            if "epsilon" in m:
+                epsilon[h] = m["epsilon"]
+        line = {
+            "round": rnd,
+            "hosts": outcome.hosts,
+            "train_loss": {h: m.get("train-loss") for h, m in outcome.metrics.items()},
+            "heldout": scores,
+            "epsilon": dict(sorted(epsilon.items())),
+            "bytes": outcome.bytes,
+            "rejected": outcome.rejected,
+            "failed": outcome.failed,
+            "wall_s": round(time.perf_counter() - clock["t"], 2),
+            "time": now(),
+        }
+        meta = {
+            "round": rnd,
+            "epsilon": line["epsilon"],
+            "delta": cfg.privacy.delta if cfg.privacy.enabled else None,
+            "dp": cfg.privacy.enabled,
+            "config_hash": cfg.fingerprint(),
+            "base_model": identity,
+            "hosts": outcome.hosts,
+        }
+        folder.save_round(rnd, model, strategy.global_arrays, meta, line)
+        if on_round:
+            on_round(line)
+        clock["t"] = time.perf_counter()
+        flat = {f"{d}-ppl": v["ppl"] for d, v in scores.items()}
+        return MetricRecord(flat) if flat else None
+
+    strategy.start(
+        grid=grid,
+        initial_arrays=to_record(arrays),
+        num_rounds=last - start,
+        timeout=fed.round_timeout,
+        evaluate_fn=evaluate_fn,
+    )
+    write_report(folder)
+    return folder
+
+
+app = ServerApp()
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    """Entry point for ``flwr run .``: settings from ``[tool.flwr.app.config]``."""
+    flat = dict(context.run_config)
+    hosts_dir = flat.pop("hosts-dir", None)
+    cfg = RunConfig.from_flat(flat)
+    run_server(grid, cfg, hosts_dir=str(hosts_dir) if hosts_dir else None)

@@ -1,0 +1,57 @@
+"""``report.png``: held-out perplexity per domain, epsilon per host, bytes per host."""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from server.checkpoint import RunFolder
+
+__all__ = ["write_report"]
+
+log = logging.getLogger(__name__)
+
+
+def write_report(folder: RunFolder) -> None:
+    lines = folder.read_metrics()
+    if not lines:
+        return
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    ax_ppl, ax_eps, ax_bytes = axes
+
+    domains = sorted({d for ln in lines for d in ln.get("heldout", {})})
+    for d in domains:
+        pts = [(ln["round"], ln["heldout"][d]["ppl"]) for ln in lines if d in ln.get("heldout", {})]
+        ax_ppl.plot(*zip(*pts, strict=True), marker="o", label=d)
+    ax_ppl.set(title="Held-out perplexity per domain", xlabel="round", ylabel="perplexity")
+    if domains:
+        ax_ppl.legend(fontsize=8)
+
+    hosts = sorted({h for ln in lines for h in ln.get("epsilon", {})})
+    for h in hosts:
+        pts = [(ln["round"], ln["epsilon"][h]) for ln in lines if h in ln.get("epsilon", {})]
+        ax_eps.plot(*zip(*pts, strict=True), marker="o", label=h)
+    ax_eps.set(title="Privacy spent per host (epsilon)", xlabel="round", ylabel="epsilon")
+    if hosts:
+        ax_eps.legend(fontsize=8)
+
+    rounds = [ln for ln in lines if ln.get("bytes")]
+    senders = sorted({h for ln in rounds for h in ln["bytes"]})
+    width = 0.8 / max(len(senders), 1)
+    for i, h in enumerate(senders):
+        xs = [ln["round"] + (i - (len(senders) - 1) / 2) * width for ln in rounds]
+        ys = [ln["bytes"].get(h, 0) / 1024 for ln in rounds]
+        ax_bytes.bar(xs, ys, width=width, label=h)
+    ax_bytes.set(title="Update size sent per host", xlabel="round", ylabel="KiB")
+    if senders:
+        ax_bytes.legend(fontsize=8)
+
+    fig.tight_layout()
+    fig.savefig(folder.report_path, dpi=90)
+    plt.close(fig)

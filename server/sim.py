@@ -1,0 +1,228 @@
+"""``fedstream-sim``: a federation of virtual data hosts on one machine.
+
+Each virtual host gets its own data dir under ``<out>/hosts/host-i`` (records, privacy
+ledger), exactly as a deployed host does, and the same ClientApp and ServerApp run on
+Flower's Simulation Engine (Ray).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import warnings
+from pathlib import Path
+from typing import Any
+
+from common.config import RunConfig
+from common.corpus import host_folders, host_records
+from common.errors import FedstreamError
+
+__all__ = ["main", "run", "build_config", "prepare_hosts"]
+
+log = logging.getLogger(__name__)
+
+
+def build_config(args: argparse.Namespace) -> RunConfig:
+    cfg = RunConfig.from_toml(args.config) if args.config else RunConfig()
+    over: dict[str, Any] = {}
+    if args.model:
+        over.setdefault("model", {})["name"] = args.model
+    if args.hosts is not None:
+        over.setdefault("federation", {})["hosts"] = args.hosts
+    if args.rounds is not None:
+        over.setdefault("federation", {})["rounds"] = args.rounds
+    if args.no_dp:
+        over.setdefault("privacy", {})["enabled"] = False
+    if args.data:
+        over.setdefault("data", {})["source"] = str(Path(args.data).resolve())
+    if args.seed is not None:
+        over["seed"] = args.seed
+    if args.out:
+        over["out"] = args.out
+    return cfg.with_overrides(**over) if over else cfg
+
+
+def prepare_hosts(cfg: RunConfig) -> tuple[RunConfig, Path]:
+    """Give every virtual host a data dir with its records; returns the hosts folder."""
+    hosts_dir = Path(cfg.out).resolve() / "hosts"
+    if cfg.data.source == "builtin":
+        for i in range(cfg.federation.hosts):
+            records = hosts_dir / f"host-{i}" / "records"
+            stream = records / "stream.jsonl"
+            if not stream.exists():
+                records.mkdir(parents=True, exist_ok=True)
+                texts = host_records(i, cfg.data.records_per_host, seed=cfg.seed)
+                tmp = stream.with_suffix(".tmp")
+                tmp.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+                os.replace(tmp, stream)
+        return cfg, hosts_dir
+    folders = host_folders(Path(cfg.data.source))
+    for i, folder in enumerate(folders):
+        host = hosts_dir / f"host-{i}"
+        host.mkdir(parents=True, exist_ok=True)
+        link = host / "records"
+        if not link.exists():
+            os.symlink(folder.resolve(), link)
+    if cfg.federation.hosts != len(folders):
+        cfg = cfg.with_overrides(federation={"hosts": len(folders)})
+    return cfg, hosts_dir
+
+
+class _Console:
+    """Progress bar and a per-round table (rich)."""
+
+    def __init__(self, cfg: RunConfig, quiet: bool) -> None:
+        from rich.console import Console
+        from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+        self.quiet = quiet
+        self.console = Console(stderr=False, highlight=False)
+        self.progress = Progress(
+            TextColumn("[bold]rounds"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+            TimeElapsedColumn(), console=self.console, disable=quiet,
+        )
+        self.task = self.progress.add_task("rounds", total=cfg.federation.rounds)
+        self.base: dict[str, float] = {}
+
+    def on_round(self, line: dict[str, Any]) -> None:
+        ppl = {d: v["ppl"] for d, v in line.get("heldout", {}).items()}
+        if line["round"] == 0:
+            self.base = ppl
+            self._print("round 0 (base model): held-out ppl " + _fmt(ppl))
+            return
+        losses = [v for v in line.get("train_loss", {}).values() if v is not None]
+        eps = max(line.get("epsilon", {}).values(), default=0.0)
+        kib = [b / 1024 for b in line.get("bytes", {}).values()]
+        self._print(
+            f"round {line['round']}: hosts {len(line['hosts'])}"
+            f" | train loss {sum(losses) / max(len(losses), 1):.3f}"
+            f" | held-out ppl {_fmt(ppl)}"
+            f" | eps max {eps:.2f} | {max(kib, default=0):.0f} KiB/host"
+            f" | {line['wall_s']:.0f}s"
+            + (f" | rejected {line['rejected']}" if line.get("rejected") else "")
+            + (f" | failed {line['failed']}" if line.get("failed") else "")
+        )
+        self.progress.update(self.task, completed=line["round"])
+
+    def _print(self, text: str) -> None:
+        if not self.quiet:
+            self.console.print(text)
+
+
+def _fmt(ppl: dict[str, float]) -> str:
+    return " ".join(f"{d}={v:.2f}" for d, v in sorted(ppl.items())) or "-"
+
+
+def run(
+    cfg: RunConfig,
+    *,
+    stop_after: int | None = None,
+    quiet: bool = False,
+    verbose: bool = False,
+) -> Path:
+    """Run (or resume) a simulated federation; returns the run folder."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    from common.models import load_base_model
+    from common.privacy import planned_noise_multiplier
+
+    cfg, hosts_dir = prepare_hosts(cfg)
+    # Fail fast, in this process, on what would otherwise fail inside every host.
+    load_base_model(cfg.model)
+    sigma = None
+    if cfg.privacy.enabled:
+        sigma = planned_noise_multiplier(cfg.privacy, cfg.training, rounds=cfg.federation.rounds)
+    from common.corpus import read_folder
+
+    for i in range(cfg.federation.hosts):
+        read_folder(hosts_dir / f"host-{i}" / "records")
+
+    ui = _Console(cfg, quiet)
+    if not quiet:
+        dp = (
+            f"DP-SGD sigma={sigma:.3f} C={cfg.privacy.max_grad_norm} q={cfg.training.sample_rate}"
+            f" -> epsilon <= {cfg.privacy.target_epsilon} (delta={cfg.privacy.delta})"
+            if sigma is not None else "no DP (privacy.enabled = false)"
+        )
+        ui.console.print(
+            f"fedstream-sim: {cfg.federation.hosts} hosts x {cfg.federation.rounds} rounds, "
+            f"model {cfg.model.name}, LoRA r={cfg.lora.rank}"
+            f"{' FFA' if cfg.lora.ffa else ''}, {dp}\nrun folder: {cfg.out}"
+        )
+
+    from flwr.serverapp import Grid, ServerApp
+    from flwr.simulation import run_simulation
+
+    from client.app import app as client_app
+    from server.app import run_server
+
+    server_app = ServerApp()
+
+    @server_app.main()
+    def _main(grid: Grid, _context: Any) -> None:
+        run_server(grid, cfg, hosts_dir=str(hosts_dir), on_round=ui.on_round,
+                   stop_after=stop_after)
+
+    if not verbose:
+        logging.getLogger("flwr").setLevel(logging.WARNING)
+        warnings.filterwarnings("ignore", category=DeprecationWarning)
+    backend_config = {
+        "client_resources": {"num_cpus": 1, "num_gpus": 0.0},
+        "init_args": {
+            "num_cpus": max(os.cpu_count() or 1, 1),
+            "include_dashboard": False,
+            "logging_level": "INFO" if verbose else "ERROR",
+            "log_to_driver": verbose,
+        },
+    }
+    with ui.progress:
+        run_simulation(
+            server_app=server_app,
+            client_app=client_app,
+            num_supernodes=cfg.federation.hosts,
+            backend_config=backend_config,  # type: ignore[arg-type]
+            verbose_logging=verbose,
+        )
+    out = Path(cfg.out)
+    if not quiet:
+        ui.console.print(f"done: {out}/global/latest, {out}/metrics.jsonl, {out}/report.png")
+    return out
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="fedstream-sim",
+        description="Federated DP-LoRA fine-tuning with virtual data hosts on this machine.",
+    )
+    p.add_argument("--config", help="run config TOML (defaults are built in)")
+    p.add_argument("--model", help="preset, local folder, or HF cache name")
+    p.add_argument("--hosts", type=int, help="number of virtual hosts")
+    p.add_argument("--rounds", type=int, help="federated rounds")
+    p.add_argument("--out", help="run folder (resumes if it exists)")
+    p.add_argument("--seed", type=int, help="seed for everything")
+    p.add_argument("--no-dp", action="store_true", help="train without DP, for comparison")
+    p.add_argument("--data", help="folder with one sub-folder of .jsonl/.txt per host")
+    p.add_argument("--stop-after", type=int, help="stop after this round (resume later)")
+    p.add_argument("--quiet", action="store_true", help="no progress output")
+    p.add_argument("--verbose", action="store_true", help="Flower and Ray logs")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        cfg = build_config(args)
+        run(cfg, stop_after=args.stop_after, quiet=args.quiet, verbose=args.verbose)
+    except FedstreamError as err:
+        print(f"fedstream-sim: error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

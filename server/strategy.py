@@ -1,0 +1,145 @@
+"""FedAvg over LoRA adapter deltas.
+
+Hosts send ``local - global`` (fp16 or fp32). The server checks every reply on its own
+(names, shapes, finite values), so one bad host is rejected with its reason logged and
+the round goes on with the rest. Accepted deltas are averaged in fp32, weighted by
+``num-examples``, and added to the fp32 global adapter.
+
+``round_offset`` lets a resumed run continue its numbering: Flower's ``start`` counts
+rounds from 1, the run counts from ``offset + 1``.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import OrderedDict
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.common import serde
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import FedAvg
+
+from common.adapter import apply_delta, check_compatible, from_record, to_record
+
+__all__ = ["AdapterFedAvg", "RoundOutcome"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RoundOutcome:
+    """What the server learnt in one round, for metrics and checkpoint metadata."""
+
+    round: int
+    hosts: list[str] = field(default_factory=list)
+    metrics: dict[str, dict[str, float]] = field(default_factory=dict)  # host -> values
+    bytes: dict[str, int] = field(default_factory=dict)
+    rejected: dict[str, str] = field(default_factory=dict)  # host -> reason
+    failed: dict[str, str] = field(default_factory=dict)  # node -> error reason
+
+
+def host_name(msg: Message) -> str:
+    info = msg.content.config_records.get("info") if msg.has_content() else None
+    if info is not None and "host" in info:
+        return str(info["host"])
+    return f"node-{msg.metadata.src_node_id}"
+
+
+class AdapterFedAvg(FedAvg):
+    """FedAvg whose replies are adapter deltas, validated one by one."""
+
+    def __init__(
+        self,
+        *,
+        global_arrays: OrderedDict[str, np.ndarray],
+        base_config: dict[str, Any],
+        round_offset: int = 0,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        self.global_arrays = global_arrays
+        self.shapes = {k: tuple(v.shape) for k, v in global_arrays.items()}
+        self.base_config = base_config
+        self.round_offset = round_offset
+        self.outcome = RoundOutcome(round=round_offset)
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        config = ConfigRecord({**self.base_config, **dict(config)})
+        return super().configure_train(self.round_offset + server_round, arrays, config, grid)
+
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        config = ConfigRecord({**self.base_config, **dict(config)})
+        return super().configure_evaluate(
+            self.round_offset + server_round, arrays, config, grid
+        )
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        replies = list(replies)
+        outcome = RoundOutcome(round=self.round_offset + server_round)
+        self.outcome = outcome
+        valid, errors = self._check_and_log_replies(replies, is_train=True, validate=False)
+        for msg in errors:
+            outcome.failed[f"node-{msg.metadata.src_node_id}"] = msg.error.reason or ""
+
+        deltas: list[tuple[float, OrderedDict[str, np.ndarray]]] = []
+        for msg in valid:
+            name = host_name(msg)
+            reason, delta, weight = self._check_reply(msg)
+            outcome.bytes[name] = serde.recorddict_to_proto(msg.content).ByteSize()
+            metrics = msg.content.metric_records.get("metrics")
+            if metrics is not None:
+                outcome.metrics[name] = {k: float(v) for k, v in metrics.items()
+                                         if isinstance(v, (int, float))}
+            if reason is not None:
+                outcome.rejected[name] = reason
+                log.warning("Round %s: rejected update from %s: %s",
+                            outcome.round, name, reason)
+                continue
+            assert delta is not None
+            outcome.hosts.append(name)
+            deltas.append((weight, delta))
+
+        if not deltas:
+            log.warning("Round %s: no usable update; the global adapter is unchanged",
+                        outcome.round)
+            return None, None
+        total = sum(w for w, _ in deltas)
+        mean = OrderedDict(
+            (k, sum(w * d[k] for w, d in deltas) / total) for k in self.global_arrays
+        )
+        self.global_arrays = apply_delta(self.global_arrays, mean)
+        losses = [m["train-loss"] for h, m in outcome.metrics.items()
+                  if h in outcome.hosts and "train-loss" in m]
+        agg = MetricRecord({"train-loss": float(np.mean(losses)) if losses else 0.0,
+                            "hosts": len(outcome.hosts)})
+        return to_record(self.global_arrays), agg
+
+    def _check_reply(
+        self, msg: Message
+    ) -> tuple[str | None, OrderedDict[str, np.ndarray] | None, float]:
+        content = msg.content
+        if "arrays" not in content.array_records:
+            return "reply has no 'arrays' record", None, 0.0
+        metrics = content.metric_records.get("metrics")
+        weight = metrics.get("num-examples") if metrics is not None else None
+        if not isinstance(weight, (int, float)) or not weight > 0:
+            return f"num-examples must be a positive number, got {weight!r}", None, 0.0
+        try:
+            delta = from_record(content.array_records["arrays"])
+            check_compatible(delta, self.shapes)
+        except Exception as err:  # noqa: BLE001 - any malformed payload is a rejection
+            return str(err), None, 0.0
+        for key, value in delta.items():
+            if not np.isfinite(value).all():
+                return f"update has NaN/Inf in {key}", None, 0.0
+        return None, delta, float(weight)
