@@ -79,7 +79,7 @@ class _Console:
         from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
         self.quiet = quiet
-        self.console = Console(stderr=False, highlight=False)
+        self.console = Console(highlight=False, width=None if sys.stdout.isatty() else 200)
         self.progress = Progress(
             TextColumn("[bold]rounds"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
             TimeElapsedColumn(), console=self.console, disable=quiet,
@@ -127,12 +127,25 @@ def run(
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
-    from common.models import load_base_model
+    os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
+    if not verbose:
+        for category in (DeprecationWarning, FutureWarning, UserWarning):
+            warnings.filterwarnings("ignore", category=category)
+    from common.adapter import trainable_state
+    from common.models import build_adapter_model, load_base_model
     from common.privacy import planned_noise_multiplier
+    from server.checkpoint import RunFolder
 
-    cfg, hosts_dir = prepare_hosts(cfg)
     # Fail fast, in this process, on what would otherwise fail inside every host.
-    load_base_model(cfg.model)
+    cfg, hosts_dir = prepare_hosts(cfg)
+    folder = RunFolder(cfg.out)
+    folder.bind(cfg)
+    base = load_base_model(cfg.model)
+    if folder.last_round():
+        model = build_adapter_model(base, cfg.lora, seed=cfg.seed)
+        shapes = {k: tuple(v.shape) for k, v in trainable_state(model).items()}
+        folder.load_arrays(folder.last_round(), shapes)
+    del base
     sigma = None
     if cfg.privacy.enabled:
         sigma = planned_noise_multiplier(cfg.privacy, cfg.training, rounds=cfg.federation.rounds)
@@ -168,8 +181,7 @@ def run(
                    stop_after=stop_after)
 
     if not verbose:
-        logging.getLogger("flwr").setLevel(logging.WARNING)
-        warnings.filterwarnings("ignore", category=DeprecationWarning)
+        logging.getLogger("flwr").setLevel(logging.ERROR)
     backend_config = {
         "client_resources": {"num_cpus": 1, "num_gpus": 0.0},
         "init_args": {

@@ -92,7 +92,8 @@ class AdapterFedAvg(FedAvg):
             outcome.failed[f"node-{msg.metadata.src_node_id}"] = msg.error.reason or ""
 
         deltas: list[tuple[float, OrderedDict[str, np.ndarray]]] = []
-        for msg in valid:
+        # Sorted by host so the fp32 sum does not depend on reply arrival order.
+        for msg in sorted(valid, key=host_name):
             name = host_name(msg)
             reason, delta, weight = self._check_reply(msg)
             outcome.bytes[name] = serde.recorddict_to_proto(msg.content).ByteSize()
