@@ -1,9 +1,10 @@
 """The fedstream ClientApp: one DP-LoRA round on a data host.
 
-A train message carries the global adapter (fp32 ``arrays``) and a ``config`` record with
-the run settings (keys ``run.<section>.<field>``) and ``server-round``. The reply holds
-the adapter delta (``arrays``, fp16 by default), a ``metrics`` record and an ``info``
-record naming the host. Failures come back as error replies, never as exceptions.
+A train message carries the global adapter (fp32 ``arrays``) and a ``config``
+record with the run settings (keys ``run.<section>.<field>``) and ``server-round``.
+The reply holds the adapter delta (``arrays``, fp16 by default), a ``metrics``
+record and an ``info`` record naming the host. Failures come back as error
+replies, never as exceptions.
 """
 
 from __future__ import annotations
@@ -11,7 +12,6 @@ from __future__ import annotations
 import logging
 import math
 import time
-import warnings
 import zlib
 from typing import Any
 
@@ -20,18 +20,15 @@ from flwr.clientapp import ClientApp
 
 from client.host import Host, adapter_model, resolve_data_dir
 from client.trainer import train_local
-from common.adapter import encode_delta, from_record, load_trainable_state
+from common.adapter import encode_delta, from_record, layout_id, load_trainable_state
 from common.config import RunConfig
 from common.errors import FedstreamError, PrivacyError
 from common.lm import evaluate_loss
 from common.privacy import DPEvent, planned_noise_multiplier
 
-__all__ = ["app", "config_from_record", "coarse_count"]
+__all__ = ["app", "coarse_count", "config_from_record"]
 
 log = logging.getLogger(__name__)
-
-# Hooks on lora_B fire w.r.t. outputs when A is frozen (FFA-LoRA): expected, harmless.
-warnings.filterwarnings("ignore", message="Full backward hook is firing")
 
 app = ClientApp()
 
@@ -39,7 +36,7 @@ ERROR_CODE = 2  # flwr ErrorCode.CLIENT_APP_RAISED_EXCEPTION
 
 
 def config_from_record(record: ConfigRecord) -> RunConfig:
-    flat = {k[len("run."):]: v for k, v in record.items() if k.startswith("run.")}
+    flat = {k[len("run.") :]: v for k, v in record.items() if k.startswith("run.")}
     return RunConfig.from_flat(flat)
 
 
@@ -53,7 +50,7 @@ def _round_seed(cfg: RunConfig, host: str, server_round: int) -> int:
 
 
 def _host(msg: Message, context: Context) -> tuple[Host, RunConfig, int]:
-    record = msg.content["config"]
+    record = msg.content.config_records["config"]
     cfg = config_from_record(record)
     hosts_dir = record.get("hosts-dir")
     data_dir = resolve_data_dir(dict(context.node_config), hosts_dir)  # type: ignore[arg-type]
@@ -61,7 +58,9 @@ def _host(msg: Message, context: Context) -> tuple[Host, RunConfig, int]:
 
 
 def _error(msg: Message, err: Exception) -> Message:
-    reason = str(err) if isinstance(err, FedstreamError) else f"{type(err).__name__}: {err}"
+    reason = (
+        str(err) if isinstance(err, FedstreamError) else f"{type(err).__name__}: {err}"
+    )
     log.error("%s", reason)
     return Message(Error(code=ERROR_CODE, reason=reason), reply_to=msg)
 
@@ -70,7 +69,7 @@ def _error(msg: Message, err: Exception) -> Message:
 def train(msg: Message, context: Context) -> Message:
     try:
         return _train(msg, context)
-    except Exception as err:  # noqa: BLE001 - every failure becomes an error reply
+    except Exception as err:
         return _error(msg, err)
 
 
@@ -95,12 +94,13 @@ def _train(msg: Message, context: Context) -> Message:
         budget = cfg.privacy.target_epsilon
         if budget is not None and ledger.epsilon_with(planned) > budget * (1 + 1e-3):
             raise PrivacyError(
-                f"host {host.name}: privacy budget spent (epsilon {ledger.epsilon():.3f} "
+                f"host {host.name}: privacy budget spent "
+                f"(epsilon {ledger.epsilon():.3f} "
                 f"of {budget}); another round would exceed privacy.target_epsilon, so "
                 "this host stops training"
             )
 
-    global_arrays = from_record(msg.content["arrays"])
+    global_arrays = from_record(msg.content.array_records["arrays"])
     load_trainable_state(model, global_arrays)
     result = train_local(
         model,
@@ -126,9 +126,9 @@ def _train(msg: Message, context: Context) -> Message:
             "train-seconds": round(time.perf_counter() - t0, 1),
         }
     )
-    content = RecordDict(
-        {"arrays": delta, "metrics": metrics, "info": ConfigRecord({"host": host.name})}
-    )
+    layout = layout_id({k: tuple(v.shape) for k, v in global_arrays.items()})
+    info = ConfigRecord({"host": host.name, "layout": layout})
+    content = RecordDict({"arrays": delta, "metrics": metrics, "info": info})
     return Message(content=content, reply_to=msg)
 
 
@@ -138,14 +138,19 @@ def evaluate(msg: Message, context: Context) -> Message:
     try:
         host, cfg, _ = _host(msg, context)
         base, model = adapter_model(cfg)
-        load_trainable_state(model, from_record(msg.content["arrays"]))
+        load_trainable_state(model, from_record(msg.content.array_records["arrays"]))
         data = host.records(base)
         loss, _ = evaluate_loss(model, data, cfg.data.eval_batch_size)
-        metrics: dict[str, Any] = {"num-examples": coarse_count(len(data)),
-                                   "eval-loss": round(loss, 2)}
+        metrics: dict[str, Any] = {
+            "num-examples": coarse_count(len(data)),
+            "eval-loss": round(loss, 2),
+        }
         content = RecordDict(
-            {"metrics": MetricRecord(metrics), "info": ConfigRecord({"host": host.name})}
+            {
+                "metrics": MetricRecord(metrics),
+                "info": ConfigRecord({"host": host.name}),
+            }
         )
         return Message(content=content, reply_to=msg)
-    except Exception as err:  # noqa: BLE001
+    except Exception as err:
         return _error(msg, err)

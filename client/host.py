@@ -23,7 +23,7 @@ from common.lm import Encoded, encode
 from common.models import BaseModel, build_adapter_model, load_base_model
 from common.privacy import Ledger
 
-__all__ = ["Host", "resolve_data_dir", "adapter_model"]
+__all__ = ["Host", "adapter_model", "resolve_data_dir"]
 
 log = logging.getLogger(__name__)
 

@@ -7,7 +7,8 @@ One round on a host is ``local_steps`` DP-SGD steps over the adapter only:
 * per-sample gradients of the trainable LoRA tensors (Opacus ``GradSampleModule``),
   clipped to ``max_grad_norm`` C;
 * Gaussian noise N(0, (sigma C)^2) added to the clipped sum, which is divided by the
-  fixed ``training.batch_size`` B, never by the realised batch size (that would leak it).
+  fixed ``training.batch_size`` B, never by the realised batch size (which would
+  leak it).
 
 Without DP (``privacy.enabled = false``) the same sampling and normaliser are used, with
 neither clipping nor noise, so the two modes differ only by the privacy mechanism.
@@ -22,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import warnings
 from collections import OrderedDict
 from dataclasses import dataclass
 from types import TracebackType
@@ -37,9 +39,12 @@ from common.errors import TrainingError
 from common.lm import Encoded, per_sample_loss
 from common.privacy import DPEvent
 
-__all__ = ["LocalTrainer", "LocalResult", "train_local", "check_update"]
+__all__ = ["LocalResult", "LocalTrainer", "check_update", "train_local"]
 
 log = logging.getLogger(__name__)
+
+# Hooks on lora_B fire w.r.t. outputs when A is frozen (FFA-LoRA): expected, harmless.
+warnings.filterwarnings("ignore", message="Full backward hook is firing")
 
 
 @dataclass
@@ -70,7 +75,8 @@ class LocalTrainer:
     ) -> None:
         if privacy.enabled and not (noise_multiplier and noise_multiplier > 0):
             raise TrainingError(
-                f"noise_multiplier must be > 0 for DP training, got {noise_multiplier}; "
+                f"noise_multiplier must be > 0 for DP training, got "
+                f"{noise_multiplier}; "
                 "set privacy.enabled = false to train without DP"
             )
         self.model = model
@@ -156,7 +162,7 @@ class LocalTrainer:
         return losses.detach()
 
     def _noise_only_step(self) -> None:
-        """An empty Poisson batch still releases noise under DP (the accountant counts it)."""
+        """An empty Poisson batch still releases noise (the accountant counts it)."""
         if self.noise_multiplier is None:
             return
         std = self.noise_multiplier * self.privacy.max_grad_norm
@@ -177,7 +183,7 @@ def train_local(
     seed: int,
     round_num: int = 0,
 ) -> LocalResult:
-    """Train ``local_steps`` steps on ``data``; raise ``TrainingError`` on a bad update."""
+    """Train ``local_steps`` steps on ``data``; ``TrainingError`` on a bad update."""
     if len(data) == 0:
         raise TrainingError("no records to train on")
     before = trainable_state(model)
@@ -185,7 +191,10 @@ def train_local(
     loss_before = math.nan
     total, count = 0.0, 0
     with LocalTrainer(
-        model, training=training, privacy=privacy, noise_multiplier=noise_multiplier,
+        model,
+        training=training,
+        privacy=privacy,
+        noise_multiplier=noise_multiplier,
         seed=seed,
     ) as trainer:
         for _ in range(training.local_steps):
@@ -245,7 +254,8 @@ def check_update(
         math.isfinite(loss_after) and loss_after <= max_loss_ratio * loss_before
     ):
         raise TrainingError(
-            f"loss on the trained batch went from {loss_before:.3f} to {loss_after:.3f} "
+            f"loss on the trained batch went from {loss_before:.3f} to "
+            f"{loss_after:.3f} "
             f"(more than training.max_loss_ratio = {max_loss_ratio}x); this host's "
             "round is failed instead of sending the update"
         )

@@ -2,12 +2,15 @@
 
 Only trainable adapter tensors travel. Names are the PEFT checkpoint names (Opacus's
 ``_module.`` prefix and PEFT's adapter name stripped), in the model's parameter order,
-so every host and the server agree on them. The global adapter is kept in fp32;
-updates travel as deltas in fp16 (or fp32).
+so every host and the server agree on them. The global adapter is kept in fp32 and
+sent as named tensors. Updates travel back as one flat delta vector in fp16 (or fp32),
+in the order of the global adapter's names, tagged with a hash of that layout: one
+array header per message instead of one per tensor.
 """
 
 from __future__ import annotations
 
+import hashlib
 from collections import OrderedDict
 
 import numpy as np
@@ -17,18 +20,21 @@ from flwr.app import Array, ArrayRecord
 from common.errors import TrainingError
 
 __all__ = [
+    "apply_delta",
     "canonical_name",
-    "trainable_state",
+    "check_compatible",
+    "decode_delta",
+    "encode_delta",
+    "from_record",
+    "layout_id",
     "load_trainable_state",
     "to_record",
-    "from_record",
-    "encode_delta",
-    "apply_delta",
-    "check_compatible",
+    "trainable_state",
 ]
 
+
 def canonical_name(name: str) -> str:
-    """``_module.base_model...lora_B.default.weight`` -> ``base_model...lora_B.weight``."""
+    """``_module.x.lora_B.default.weight`` -> ``x.lora_B.weight`` (PEFT file names)."""
     while name.startswith("_module."):
         name = name[len("_module.") :]
     return name.replace(".default.", ".")
@@ -46,8 +52,10 @@ def trainable_state(model: torch.nn.Module) -> OrderedDict[str, np.ndarray]:
 def load_trainable_state(
     model: torch.nn.Module, arrays: OrderedDict[str, np.ndarray] | dict[str, np.ndarray]
 ) -> None:
-    """Copy ``arrays`` into the model's trainable tensors; names and shapes must match."""
-    params = {canonical_name(n): p for n, p in model.named_parameters() if p.requires_grad}
+    """Copy ``arrays`` into the trainable tensors; names and shapes must match."""
+    params = {
+        canonical_name(n): p for n, p in model.named_parameters() if p.requires_grad
+    }
     check_compatible(arrays, {k: tuple(p.shape) for k, p in params.items()})
     with torch.no_grad():
         for name, value in arrays.items():
@@ -76,7 +84,9 @@ def check_compatible(
 
 def to_record(arrays: dict[str, np.ndarray], dtype: str = "float32") -> ArrayRecord:
     return ArrayRecord(
-        OrderedDict((k, Array(np.ascontiguousarray(v, dtype=dtype))) for k, v in arrays.items())
+        OrderedDict(
+            (k, Array(np.ascontiguousarray(v, dtype=dtype))) for k, v in arrays.items()
+        )
     )
 
 
@@ -85,11 +95,44 @@ def from_record(record: ArrayRecord) -> OrderedDict[str, np.ndarray]:
     return OrderedDict((k, v.numpy().astype(np.float32)) for k, v in record.items())
 
 
+def layout_id(shapes: dict[str, tuple[int, ...]]) -> str:
+    """Hash of tensor names, order and shapes: both sides must agree on it."""
+    blob = ";".join(f"{k}:{'x'.join(map(str, v))}" for k, v in shapes.items())
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
 def encode_delta(
     new: dict[str, np.ndarray], old: dict[str, np.ndarray], dtype: str
 ) -> ArrayRecord:
-    """``new - old`` in the wire dtype."""
-    return to_record({k: new[k] - old[k] for k in new}, dtype=dtype)
+    """``new - old`` as one flat vector in the wire dtype, in ``old``'s order."""
+    flat = np.concatenate([(new[k] - old[k]).ravel() for k in old]).astype(dtype)
+    return ArrayRecord(OrderedDict([("delta", Array(flat))]))
+
+
+def decode_delta(
+    record: ArrayRecord, shapes: dict[str, tuple[int, ...]]
+) -> OrderedDict[str, np.ndarray]:
+    """Split a flat delta into fp32 tensors; raise if it does not fit ``shapes``."""
+    if list(record.keys()) != ["delta"]:
+        raise TrainingError(
+            f"update must hold one flat 'delta' array, got {list(record.keys())[:3]}"
+        )
+    flat = record["delta"].numpy()
+    expected = sum(int(np.prod(s)) for s in shapes.values())
+    if flat.ndim != 1 or flat.size != expected:
+        raise TrainingError(
+            f"update has shape {tuple(flat.shape)}, expected ({expected},) for this "
+            "adapter layout"
+        )
+    if flat.dtype not in (np.float16, np.float32):
+        raise TrainingError(f"update dtype {flat.dtype} is not float16/float32")
+    out: OrderedDict[str, np.ndarray] = OrderedDict()
+    offset = 0
+    for key, shape in shapes.items():
+        size = int(np.prod(shape))
+        out[key] = flat[offset : offset + size].astype(np.float32).reshape(shape)
+        offset += size
+    return out
 
 
 def apply_delta(

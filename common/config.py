@@ -19,13 +19,13 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from common.errors import ConfigError
 
 __all__ = [
-    "ModelConfig",
-    "LoraSettings",
-    "PrivacyConfig",
-    "TrainingConfig",
-    "FederationConfig",
     "DataConfig",
+    "FederationConfig",
+    "LoraSettings",
+    "ModelConfig",
+    "PrivacyConfig",
     "RunConfig",
+    "TrainingConfig",
     "format_validation_error",
 ]
 
@@ -45,7 +45,7 @@ class ModelConfig(_Frozen):
 
 class LoraSettings(_Frozen):
     rank: int = Field(4, ge=1, le=256, description="LoRA rank r.")
-    alpha: float = Field(8.0, gt=0, description="LoRA scaling numerator (alpha/r).")
+    alpha: int = Field(8, ge=1, description="LoRA scaling numerator (alpha/r).")
     dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Dropout on LoRA input.")
     targets: list[str] | None = Field(
         None, description="Module names to adapt; detected per architecture if unset."
@@ -73,7 +73,11 @@ class PrivacyConfig(_Frozen):
 
     @model_validator(mode="after")
     def _one_noise_source(self) -> PrivacyConfig:
-        if self.enabled and self.target_epsilon is None and self.noise_multiplier is None:
+        if (
+            self.enabled
+            and self.target_epsilon is None
+            and self.noise_multiplier is None
+        ):
             raise ValueError(
                 "set privacy.target_epsilon or privacy.noise_multiplier when "
                 "privacy.enabled = true"
@@ -93,7 +97,7 @@ class TrainingConfig(_Frozen):
         description="Poisson rate q: each record joins each step's batch with "
         "probability q, independent of every other record.",
     )
-    learning_rate: float = Field(2e-3, gt=0, description="Local learning rate.")
+    learning_rate: float = Field(2e-2, gt=0, description="Local learning rate.")
     optimizer: Literal["adam", "sgd"] = Field("adam", description="Local optimizer.")
     update_dtype: Literal["float16", "float32"] = Field(
         "float16", description="Wire dtype of adapter deltas."
@@ -187,7 +191,7 @@ class RunConfig(_Frozen):
         return flat
 
     def fingerprint(self) -> str:
-        """Hash of everything that shapes the trained adapter (not where it is saved)."""
+        """Hash of everything that shapes the trained adapter (not where it goes)."""
         data = self.to_dict()
         data.pop("out", None)
         blob = json.dumps(data, sort_keys=True).encode()

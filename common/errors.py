@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 __all__ = [
-    "FedstreamError",
+    "CheckpointError",
     "ConfigError",
-    "ModelError",
     "DataError",
+    "FedstreamError",
+    "ModelError",
     "PrivacyError",
     "TrainingError",
-    "CheckpointError",
 ]
 
 

@@ -1,4 +1,4 @@
-"""Tokenised batches and the padding-masked causal-LM loss shared by hosts and server."""
+"""Tokenised batches and the padding-masked causal-LM loss (hosts and server)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from transformers import PreTrainedTokenizerBase
 
-__all__ = ["Encoded", "encode", "per_sample_loss", "token_loss_sum", "evaluate_loss"]
+__all__ = ["Encoded", "encode", "evaluate_loss", "per_sample_loss", "token_loss_sum"]
 
 
 @dataclass(frozen=True)
@@ -26,7 +26,9 @@ class Encoded:
         return Encoded(ids[:, :width], mask[:, :width])  # trim shared padding
 
 
-def encode(texts: list[str], tokenizer: PreTrainedTokenizerBase, max_length: int) -> Encoded:
+def encode(
+    texts: list[str], tokenizer: PreTrainedTokenizerBase, max_length: int
+) -> Encoded:
     """Right-padded token ids; each record ends with EOS if it fits."""
     eos = tokenizer.eos_token or ""
     batch = tokenizer(
@@ -40,8 +42,12 @@ def encode(texts: list[str], tokenizer: PreTrainedTokenizerBase, max_length: int
     return Encoded(batch["input_ids"].long(), batch["attention_mask"].long())
 
 
-def _token_losses(model: torch.nn.Module, batch: Encoded) -> tuple[torch.Tensor, torch.Tensor]:
-    logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+def _token_losses(
+    model: torch.nn.Module, batch: Encoded
+) -> tuple[torch.Tensor, torch.Tensor]:
+    logits = model(
+        input_ids=batch.input_ids, attention_mask=batch.attention_mask
+    ).logits
     # Predict token t+1 from prefix <= t.  logits: (B, T-1, V), targets/mask: (B, T-1)
     targets = batch.input_ids[:, 1:]
     mask = batch.attention_mask[:, 1:].to(logits.dtype)
@@ -63,7 +69,9 @@ def token_loss_sum(model: torch.nn.Module, batch: Encoded) -> tuple[float, int]:
 
 
 @torch.no_grad()
-def evaluate_loss(model: torch.nn.Module, data: Encoded, batch_size: int) -> tuple[float, float]:
+def evaluate_loss(
+    model: torch.nn.Module, data: Encoded, batch_size: int
+) -> tuple[float, float]:
     """Token-weighted mean loss and perplexity over ``data``."""
     was_training = model.training
     model.eval()

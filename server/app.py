@@ -50,9 +50,15 @@ def run_server(
     shapes = {k: tuple(v.shape) for k, v in trainable_state(model).items()}
     start = folder.last_round()
     arrays = folder.load_arrays(start, shapes) if start else trainable_state(model)
-    last = cfg.federation.rounds if stop_after is None else min(stop_after, cfg.federation.rounds)
+    last = (
+        cfg.federation.rounds
+        if stop_after is None
+        else min(stop_after, cfg.federation.rounds)
+    )
     if last <= start:
-        log.info("Run folder %s already has %d rounds; nothing to do", folder.path, start)
+        log.info(
+            "Run folder %s already has %d rounds; nothing to do", folder.path, start
+        )
         write_report(folder)
         return folder
     if start:
@@ -121,7 +127,9 @@ def run_server(
         if on_round:
             on_round(line)
         clock["t"] = time.perf_counter()
-        flat = {f"{d}-ppl": v["ppl"] for d, v in scores.items()}
+        flat: dict[str, int | float | list[int] | list[float]] = {
+            f"{d}-ppl": v["ppl"] for d, v in scores.items()
+        }
         return MetricRecord(flat) if flat else None
 
     strategy.start(

@@ -54,7 +54,7 @@ class RunFolder:
         if self.config_path.exists():
             try:
                 old = RunConfig.from_toml(self.config_path)
-            except Exception as err:  # noqa: BLE001
+            except Exception as err:
                 raise CheckpointError(
                     f"{self.config_path} is unreadable ({err}); use a new --out folder"
                 ) from None
@@ -83,7 +83,9 @@ class RunFolder:
     def round_dir(self, n: int) -> Path:
         return self.global_dir / f"round-{n}"
 
-    def load_arrays(self, n: int, shapes: dict[str, tuple[int, ...]]) -> OrderedDict[str, np.ndarray]:
+    def load_arrays(
+        self, n: int, shapes: dict[str, tuple[int, ...]]
+    ) -> OrderedDict[str, np.ndarray]:
         """The trainable tensors saved for round ``n``, in ``shapes`` order."""
         path = self.round_dir(n) / "adapter_model.safetensors"
         try:
@@ -96,8 +98,10 @@ class RunFolder:
         picked = {k: tensors[k] for k in shapes if k in tensors}
         try:
             check_compatible(picked, shapes)
-        except Exception as err:  # noqa: BLE001
-            raise CheckpointError(f"{path} does not fit this run's adapter: {err}") from None
+        except Exception as err:
+            raise CheckpointError(
+                f"{path} does not fit this run's adapter: {err}"
+            ) from None
         return OrderedDict((k, picked[k].astype(np.float32)) for k in shapes)
 
     def save_round(
@@ -110,11 +114,15 @@ class RunFolder:
     ) -> Path:
         """Save adapter + metadata, append the metrics line, then publish the round."""
         if self.round_dir(n).exists():
-            raise CheckpointError(f"{self.round_dir(n)} exists already; refusing to overwrite")
+            raise CheckpointError(
+                f"{self.round_dir(n)} exists already; refusing to overwrite"
+            )
         load_trainable_state(model, arrays)
         tmp = Path(tempfile.mkdtemp(prefix=f".round-{n}-", dir=self.global_dir))
         model.save_pretrained(str(tmp))
-        _atomic_write(tmp / "fedstream.json", json.dumps(meta, indent=1, sort_keys=True))
+        _atomic_write(
+            tmp / "fedstream.json", json.dumps(meta, indent=1, sort_keys=True)
+        )
         self.append_metrics(metrics)
         os.replace(tmp, self.round_dir(n))
         link_tmp = self.global_dir / f".latest-{os.getpid()}"

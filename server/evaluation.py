@@ -37,8 +37,12 @@ class HeldOut:
             files = sorted(folder.glob("*.jsonl")) + sorted(folder.glob("*.txt"))
             texts = {p.stem: read_files([p]) for p in files}
             if not texts:
-                log.warning("No %s folder: the server evaluates no held-out set", folder)
-        sets = {d: encode(t, base.tokenizer, cfg.model.max_length) for d, t in texts.items()}
+                log.warning(
+                    "No %s folder: the server evaluates no held-out set", folder
+                )
+        sets = {
+            d: encode(t, base.tokenizer, cfg.model.max_length) for d, t in texts.items()
+        }
         return cls(sets, cfg.data.eval_batch_size)
 
     def evaluate(self, model: torch.nn.Module) -> dict[str, dict[str, float]]:

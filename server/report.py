@@ -27,17 +27,29 @@ def write_report(folder: RunFolder) -> None:
 
     domains = sorted({d for ln in lines for d in ln.get("heldout", {})})
     for d in domains:
-        pts = [(ln["round"], ln["heldout"][d]["ppl"]) for ln in lines if d in ln.get("heldout", {})]
+        pts = [
+            (ln["round"], ln["heldout"][d]["ppl"])
+            for ln in lines
+            if d in ln.get("heldout", {})
+        ]
         ax_ppl.plot(*zip(*pts, strict=True), marker="o", label=d)
-    ax_ppl.set(title="Held-out perplexity per domain", xlabel="round", ylabel="perplexity")
+    ax_ppl.set(
+        title="Held-out perplexity per domain", xlabel="round", ylabel="perplexity"
+    )
     if domains:
         ax_ppl.legend(fontsize=8)
 
     hosts = sorted({h for ln in lines for h in ln.get("epsilon", {})})
     for h in hosts:
-        pts = [(ln["round"], ln["epsilon"][h]) for ln in lines if h in ln.get("epsilon", {})]
+        pts = [
+            (ln["round"], ln["epsilon"][h])
+            for ln in lines
+            if h in ln.get("epsilon", {})
+        ]
         ax_eps.plot(*zip(*pts, strict=True), marker="o", label=h)
-    ax_eps.set(title="Privacy spent per host (epsilon)", xlabel="round", ylabel="epsilon")
+    ax_eps.set(
+        title="Privacy spent per host (epsilon)", xlabel="round", ylabel="epsilon"
+    )
     if hosts:
         ax_eps.legend(fontsize=8)
 

@@ -20,7 +20,7 @@ from common.config import RunConfig
 from common.corpus import host_folders, host_records
 from common.errors import FedstreamError
 
-__all__ = ["main", "run", "build_config", "prepare_hosts"]
+__all__ = ["build_config", "main", "prepare_hosts", "run"]
 
 log = logging.getLogger(__name__)
 
@@ -79,10 +79,16 @@ class _Console:
         from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
         self.quiet = quiet
-        self.console = Console(highlight=False, width=None if sys.stdout.isatty() else 200)
+        self.console = Console(
+            highlight=False, width=None if sys.stdout.isatty() else 200
+        )
         self.progress = Progress(
-            TextColumn("[bold]rounds"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-            TimeElapsedColumn(), console=self.console, disable=quiet,
+            TextColumn("[bold]rounds"),
+            BarColumn(),
+            TextColumn("{task.completed}/{task.total}"),
+            TimeElapsedColumn(),
+            console=self.console,
+            disable=quiet,
         )
         self.task = self.progress.add_task("rounds", total=cfg.federation.rounds)
         self.base: dict[str, float] = {}
@@ -148,7 +154,9 @@ def run(
     del base
     sigma = None
     if cfg.privacy.enabled:
-        sigma = planned_noise_multiplier(cfg.privacy, cfg.training, rounds=cfg.federation.rounds)
+        sigma = planned_noise_multiplier(
+            cfg.privacy, cfg.training, rounds=cfg.federation.rounds
+        )
     from common.corpus import read_folder
 
     for i in range(cfg.federation.hosts):
@@ -157,12 +165,15 @@ def run(
     ui = _Console(cfg, quiet)
     if not quiet:
         dp = (
-            f"DP-SGD sigma={sigma:.3f} C={cfg.privacy.max_grad_norm} q={cfg.training.sample_rate}"
+            f"DP-SGD sigma={sigma:.3f} C={cfg.privacy.max_grad_norm} "
+            f"q={cfg.training.sample_rate}"
             f" -> epsilon <= {cfg.privacy.target_epsilon} (delta={cfg.privacy.delta})"
-            if sigma is not None else "no DP (privacy.enabled = false)"
+            if sigma is not None
+            else "no DP (privacy.enabled = false)"
         )
         ui.console.print(
-            f"fedstream-sim: {cfg.federation.hosts} hosts x {cfg.federation.rounds} rounds, "
+            f"fedstream-sim: {cfg.federation.hosts} hosts x "
+            f"{cfg.federation.rounds} rounds, "
             f"model {cfg.model.name}, LoRA r={cfg.lora.rank}"
             f"{' FFA' if cfg.lora.ffa else ''}, {dp}\nrun folder: {cfg.out}"
         )
@@ -177,8 +188,13 @@ def run(
 
     @server_app.main()
     def _main(grid: Grid, _context: Any) -> None:
-        run_server(grid, cfg, hosts_dir=str(hosts_dir), on_round=ui.on_round,
-                   stop_after=stop_after)
+        run_server(
+            grid,
+            cfg,
+            hosts_dir=str(hosts_dir),
+            on_round=ui.on_round,
+            stop_after=stop_after,
+        )
 
     if not verbose:
         logging.getLogger("flwr").setLevel(logging.ERROR)
@@ -201,14 +217,17 @@ def run(
         )
     out = Path(cfg.out)
     if not quiet:
-        ui.console.print(f"done: {out}/global/latest, {out}/metrics.jsonl, {out}/report.png")
+        ui.console.print(
+            f"done: {out}/global/latest, {out}/metrics.jsonl, {out}/report.png"
+        )
     return out
 
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="fedstream-sim",
-        description="Federated DP-LoRA fine-tuning with virtual data hosts on this machine.",
+        description="Federated DP-LoRA fine-tuning with virtual data hosts on this "
+        "machine.",
     )
     p.add_argument("--config", help="run config TOML (defaults are built in)")
     p.add_argument("--model", help="preset, local folder, or HF cache name")
@@ -216,9 +235,13 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--rounds", type=int, help="federated rounds")
     p.add_argument("--out", help="run folder (resumes if it exists)")
     p.add_argument("--seed", type=int, help="seed for everything")
-    p.add_argument("--no-dp", action="store_true", help="train without DP, for comparison")
+    p.add_argument(
+        "--no-dp", action="store_true", help="train without DP, for comparison"
+    )
     p.add_argument("--data", help="folder with one sub-folder of .jsonl/.txt per host")
-    p.add_argument("--stop-after", type=int, help="stop after this round (resume later)")
+    p.add_argument(
+        "--stop-after", type=int, help="stop after this round (resume later)"
+    )
     p.add_argument("--quiet", action="store_true", help="no progress output")
     p.add_argument("--verbose", action="store_true", help="Flower and Ray logs")
     return p
@@ -226,7 +249,9 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
+    )
     try:
         cfg = build_config(args)
         run(cfg, stop_after=args.stop_after, quiet=args.quiet, verbose=args.verbose)

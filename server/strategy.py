@@ -23,7 +23,7 @@ from flwr.common import serde
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
-from common.adapter import apply_delta, check_compatible, from_record, to_record
+from common.adapter import apply_delta, decode_delta, layout_id, to_record
 
 __all__ = ["AdapterFedAvg", "RoundOutcome"]
 
@@ -63,6 +63,7 @@ class AdapterFedAvg(FedAvg):
         super().__init__(**kwargs)
         self.global_arrays = global_arrays
         self.shapes = {k: tuple(v.shape) for k, v in global_arrays.items()}
+        self.layout = layout_id(self.shapes)
         self.base_config = base_config
         self.round_offset = round_offset
         self.outcome = RoundOutcome(round=round_offset)
@@ -71,7 +72,9 @@ class AdapterFedAvg(FedAvg):
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         config = ConfigRecord({**self.base_config, **dict(config)})
-        return super().configure_train(self.round_offset + server_round, arrays, config, grid)
+        return super().configure_train(
+            self.round_offset + server_round, arrays, config, grid
+        )
 
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
@@ -87,7 +90,9 @@ class AdapterFedAvg(FedAvg):
         replies = list(replies)
         outcome = RoundOutcome(round=self.round_offset + server_round)
         self.outcome = outcome
-        valid, errors = self._check_and_log_replies(replies, is_train=True, validate=False)
+        valid, errors = self._check_and_log_replies(
+            replies, is_train=True, validate=False
+        )
         for msg in errors:
             outcome.failed[f"node-{msg.metadata.src_node_id}"] = msg.error.reason or ""
 
@@ -99,30 +104,46 @@ class AdapterFedAvg(FedAvg):
             outcome.bytes[name] = serde.recorddict_to_proto(msg.content).ByteSize()
             metrics = msg.content.metric_records.get("metrics")
             if metrics is not None:
-                outcome.metrics[name] = {k: float(v) for k, v in metrics.items()
-                                         if isinstance(v, (int, float))}
+                outcome.metrics[name] = {
+                    k: float(v)
+                    for k, v in metrics.items()
+                    if isinstance(v, (int, float))
+                }
             if reason is not None:
                 outcome.rejected[name] = reason
-                log.warning("Round %s: rejected update from %s: %s",
-                            outcome.round, name, reason)
+                log.warning(
+                    "Round %s: rejected update from %s: %s", outcome.round, name, reason
+                )
                 continue
             assert delta is not None
             outcome.hosts.append(name)
             deltas.append((weight, delta))
 
         if not deltas:
-            log.warning("Round %s: no usable update; the global adapter is unchanged",
-                        outcome.round)
+            log.warning(
+                "Round %s: no usable update; the global adapter is unchanged",
+                outcome.round,
+            )
             return None, None
         total = sum(w for w, _ in deltas)
-        mean = OrderedDict(
-            (k, sum(w * d[k] for w, d in deltas) / total) for k in self.global_arrays
-        )
+        mean: OrderedDict[str, np.ndarray] = OrderedDict()
+        for key, value in self.global_arrays.items():
+            acc = np.zeros_like(value)
+            for w, d in deltas:
+                acc += (w / total) * d[key]
+            mean[key] = acc
         self.global_arrays = apply_delta(self.global_arrays, mean)
-        losses = [m["train-loss"] for h, m in outcome.metrics.items()
-                  if h in outcome.hosts and "train-loss" in m]
-        agg = MetricRecord({"train-loss": float(np.mean(losses)) if losses else 0.0,
-                            "hosts": len(outcome.hosts)})
+        losses = [
+            m["train-loss"]
+            for h, m in outcome.metrics.items()
+            if h in outcome.hosts and "train-loss" in m
+        ]
+        agg = MetricRecord(
+            {
+                "train-loss": float(np.mean(losses)) if losses else 0.0,
+                "hosts": len(outcome.hosts),
+            }
+        )
         return to_record(self.global_arrays), agg
 
     def _check_reply(
@@ -135,10 +156,20 @@ class AdapterFedAvg(FedAvg):
         weight = metrics.get("num-examples") if metrics is not None else None
         if not isinstance(weight, (int, float)) or not weight > 0:
             return f"num-examples must be a positive number, got {weight!r}", None, 0.0
+        info = content.config_records.get("info")
+        layout = info.get("layout") if info is not None else None
+        if layout != self.layout:
+            return (
+                (
+                    f"update layout {layout!r} differs from the global adapter's "
+                    f"{self.layout!r} (other model or lora settings)"
+                ),
+                None,
+                0.0,
+            )
         try:
-            delta = from_record(content.array_records["arrays"])
-            check_compatible(delta, self.shapes)
-        except Exception as err:  # noqa: BLE001 - any malformed payload is a rejection
+            delta = decode_delta(content.array_records["arrays"], self.shapes)
+        except Exception as err:
             return str(err), None, 0.0
         for key, value in delta.items():
             if not np.isfinite(value).all():

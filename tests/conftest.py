@@ -16,13 +16,18 @@ ROOT = Path(__file__).resolve().parents[1]
 TINY = ["tiny-llama", "tiny-gpt2", "tiny-gptneox", "tiny-qwen2"]
 
 
-def run_cli(*args: str, timeout: float = 600, env: dict[str, str] | None = None
-            ) -> subprocess.CompletedProcess[str]:
+def run_cli(
+    *args: str, timeout: float = 600, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
     """Run ``python -m server.sim ARGS`` in a fresh process (Ray needs its own)."""
     full_env = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
     return subprocess.run(
         [sys.executable, "-m", "server.sim", *args],
-        capture_output=True, text=True, timeout=timeout, env=full_env, cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=full_env,
+        cwd=ROOT,
     )
 
 

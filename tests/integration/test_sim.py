@@ -80,10 +80,13 @@ def test_run_folder_is_usable(full_run, config_file):
     sigma = planned_noise_multiplier(cfg.privacy, cfg.training, rounds=2)
     for ln in lines[1:]:
         acc = RDPAccountant()
-        acc.history = [(sigma, cfg.training.sample_rate,
-                        ln["round"] * cfg.training.local_steps)]
+        acc.history = [
+            (sigma, cfg.training.sample_rate, ln["round"] * cfg.training.local_steps)
+        ]
         expected = acc.get_epsilon(cfg.privacy.delta)
-        assert all(e == pytest.approx(expected, rel=1e-9) for e in ln["epsilon"].values())
+        assert all(
+            e == pytest.approx(expected, rel=1e-9) for e in ln["epsilon"].values()
+        )
     assert lines[1]["epsilon"]["host-0"] < lines[2]["epsilon"]["host-0"] <= 8.0
 
     # Every round's adapter loads with PEFT and reproduces the recorded held-out loss.
@@ -103,15 +106,20 @@ def test_run_folder_is_usable(full_run, config_file):
 
 def test_resume_continues_with_the_same_result(full_run, config_file, tmp_path):
     out = tmp_path / "run"
-    first = run_cli("--config", str(config_file), "--out", str(out), "--quiet",
-                    "--stop-after", "1")
+    first = run_cli(
+        "--config", str(config_file), "--out", str(out), "--quiet", "--stop-after", "1"
+    )
     assert first.returncode == 0, first.stderr[-3000:]
     assert sorted(p.name for p in (out / "global").iterdir()) == ["latest", "round-1"]
     second = run_cli("--config", str(config_file), "--out", str(out), "--quiet")
     assert second.returncode == 0, second.stderr[-3000:]
     for rnd in (1, 2):
-        a = load_file(str(full_run / "global" / f"round-{rnd}" / "adapter_model.safetensors"))
-        b = load_file(str(out / "global" / f"round-{rnd}" / "adapter_model.safetensors"))
+        a = load_file(
+            str(full_run / "global" / f"round-{rnd}" / "adapter_model.safetensors")
+        )
+        b = load_file(
+            str(out / "global" / f"round-{rnd}" / "adapter_model.safetensors")
+        )
         assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
     resumed, full = _metrics(out), _metrics(full_run)
     assert [ln["round"] for ln in resumed] == [0, 1, 2]

@@ -4,8 +4,10 @@ import torch
 
 from common.adapter import (
     apply_delta,
+    decode_delta,
     encode_delta,
     from_record,
+    layout_id,
     load_trainable_state,
     to_record,
     trainable_state,
@@ -42,7 +44,9 @@ def test_ffa_trains_and_sends_only_b_and_a_is_shared(name):
     full_state = trainable_state(full)
     b_only = {k: v for k, v in full_state.items() if "lora_B" in k}
     assert names == list(b_only)  # exactly the B tensors of full LoRA travel
-    assert sum(v.size for v in b_only.values()) < sum(v.size for v in full_state.values())
+    assert sum(v.size for v in b_only.values()) < sum(
+        v.size for v in full_state.values()
+    )
     # A is the seeded init, identical in every process that builds the same run.
     a1 = {n: p.detach().clone() for n, p in ffa.named_parameters() if "lora_A" in n}
     _, again = _model(name, ffa=True)
@@ -54,8 +58,10 @@ def test_ffa_trains_and_sends_only_b_and_a_is_shared(name):
 def test_arrays_round_trip_is_exact(name):
     _, model = _model(name, ffa=False)
     rng = np.random.default_rng(0)
-    state = {k: rng.normal(size=v.shape).astype(np.float32) for k, v in
-             trainable_state(model).items()}
+    state = {
+        k: rng.normal(size=v.shape).astype(np.float32)
+        for k, v in trainable_state(model).items()
+    }
     record = to_record(state)
     assert list(record.keys()) == list(state.keys())  # stable order
     back = from_record(record)
@@ -70,15 +76,38 @@ def test_arrays_round_trip_is_exact(name):
 def test_fp16_delta_is_half_the_bytes_and_close():
     _, model = _model("tiny-llama", ffa=False)
     old = trainable_state(model)
-    new = {k: v + 0.01 for k, v in old.items()}
+    shapes = {k: v.shape for k, v in old.items()}
+    rng = np.random.default_rng(1)
+    new = {
+        k: v + rng.normal(scale=0.01, size=v.shape).astype(np.float32)
+        for k, v in old.items()
+    }
     d16, d32 = encode_delta(new, old, "float16"), encode_delta(new, old, "float32")
     n16 = sum(len(a.data) for a in d16.values())
     n32 = sum(len(a.data) for a in d32.values())
     payload = sum(v.size for v in old.values())
     assert n16 - 2 * payload == n32 - 4 * payload  # same header, half the payload
-    restored = apply_delta(old, from_record(d16))
+    assert n16 - 2 * payload < 200  # one array header for the whole update
+    restored = apply_delta(old, decode_delta(d16, shapes))
     assert all(np.allclose(restored[k], new[k], atol=1e-4) for k in new)
     assert all(restored[k].dtype == np.float32 for k in restored)
+    exact = apply_delta(old, decode_delta(d32, shapes))
+    assert all(np.allclose(exact[k], new[k], atol=1e-7) for k in new)
+
+
+def test_delta_that_does_not_fit_the_layout_is_refused():
+    _, model = _model("tiny-llama")
+    old = trainable_state(model)
+    shapes = {k: v.shape for k, v in old.items()}
+    good = encode_delta(old, old, "float16")
+    short = to_record({"delta": good["delta"].numpy()[:-1]})
+    with pytest.raises(TrainingError, match="expected"):
+        decode_delta(short, shapes)
+    with pytest.raises(TrainingError, match="one flat"):
+        decode_delta(to_record(old), shapes)
+    other = dict(shapes)
+    other[next(iter(other))] = (1, 1)
+    assert layout_id(shapes) != layout_id(other)
 
 
 def test_mismatched_arrays_are_refused():
@@ -97,5 +126,5 @@ def test_unknown_model_and_targets_are_clear_errors(tmp_path):
     with pytest.raises(ModelError, match="cannot load"):
         load_base_model(ModelConfig(name=str(tmp_path)))
     base = load_base_model(ModelConfig(name="tiny-llama"))
-    with pytest.raises(ModelError, match="lora.targets"):
+    with pytest.raises(ModelError, match=r"lora\.targets"):
         lora_targets(base.model, ["no_such_proj"])

@@ -22,8 +22,12 @@ def _setup(ffa=False, rank=8, **training):
         {
             "model": {"name": "tiny-llama", "max_length": 48},
             "lora": {"ffa": ffa, "rank": rank},
-            "training": {"optimizer": "sgd", "learning_rate": 1.0, "batch_size": 16,
-                         **training},
+            "training": {
+                "optimizer": "sgd",
+                "learning_rate": 1.0,
+                "batch_size": 16,
+                **training,
+            },
             "privacy": {"noise_multiplier": 1.0},
         }
     )
@@ -45,16 +49,18 @@ def test_clipped_per_sample_gradients_are_bounded_by_c():
     losses = per_sample_loss(model, data.take(torch.arange(1)))
     model.zero_grad()
     losses.sum().backward()
-    raw = math.sqrt(sum(float(p.grad.norm() ** 2) for p in model.parameters()
-                        if p.requires_grad))
+    raw = math.sqrt(
+        sum(float(p.grad.norm() ** 2) for p in model.parameters() if p.requires_grad)
+    )
     model.zero_grad(set_to_none=True)
     assert raw > 100 * clip
     # ... and each step moves the adapter by at most (b * C) / B (sigma ~ 0, SGD lr=1).
     B = cfg.training.batch_size
     for idx in ([0], [1], [2, 3, 4, 5]):
         before = _flat(trainable_state(model))
-        with LocalTrainer(model, training=cfg.training, privacy=privacy,
-                          noise_multiplier=1e-9, seed=1) as tr:
+        with LocalTrainer(
+            model, training=cfg.training, privacy=privacy, noise_multiplier=1e-9, seed=1
+        ) as tr:
             tr.step(data.take(torch.tensor(idx)))
         moved = np.linalg.norm(_flat(trainable_state(model)) - before)
         assert moved * B <= len(idx) * clip * (1 + 1e-4)
@@ -71,8 +77,13 @@ def test_noise_std_matches_sigma_c_over_b():
 
         load_trainable_state(model, start)
         privacy = cfg.privacy.model_copy(update={"enabled": dp, "max_grad_norm": clip})
-        with LocalTrainer(model, training=cfg.training, privacy=privacy,
-                          noise_multiplier=sigma if dp else None, seed=5) as tr:
+        with LocalTrainer(
+            model,
+            training=cfg.training,
+            privacy=privacy,
+            noise_multiplier=sigma if dp else None,
+            seed=5,
+        ) as tr:
             idx = tr.sample(len(data))
             assert len(idx) > 0
             tr.step(data.take(idx))
@@ -90,7 +101,9 @@ def test_ledger_epsilon_equals_opacus_and_grows_with_rounds():
     ledger = Ledger(accountant="rdp", delta=delta)
     previous = 0.0
     for r in range(1, 6):
-        ledger.record(DPEvent(noise_multiplier=sigma, sample_rate=q, steps=steps, round=r))
+        ledger.record(
+            DPEvent(noise_multiplier=sigma, sample_rate=q, steps=steps, round=r)
+        )
         acc = RDPAccountant()
         for _ in range(r * steps):
             acc.step(noise_multiplier=sigma, sample_rate=q)
@@ -116,21 +129,36 @@ def test_ledger_survives_restart_and_refuses_other_settings(tmp_path):
 @pytest.mark.parametrize("accountant", ["rdp", "prv"])
 def test_target_epsilon_to_sigma_and_back(accountant):
     target, q, steps, delta = 4.0, 0.05, 40, 1e-5
-    sigma = noise_multiplier_for(target_epsilon=target, delta=delta, sample_rate=q,
-                                 steps=steps, accountant=accountant)
-    ledger = Ledger(accountant=accountant, delta=delta,
-                    events=[DPEvent(noise_multiplier=sigma, sample_rate=q, steps=steps)])
+    sigma = noise_multiplier_for(
+        target_epsilon=target,
+        delta=delta,
+        sample_rate=q,
+        steps=steps,
+        accountant=accountant,
+    )
+    ledger = Ledger(
+        accountant=accountant,
+        delta=delta,
+        events=[DPEvent(noise_multiplier=sigma, sample_rate=q, steps=steps)],
+    )
     assert target - 0.05 <= ledger.epsilon() <= target
-    less_noise = Ledger(accountant=accountant, delta=delta,
-                        events=[DPEvent(noise_multiplier=sigma * 0.9, sample_rate=q,
-                                        steps=steps)])
+    less_noise = Ledger(
+        accountant=accountant,
+        delta=delta,
+        events=[DPEvent(noise_multiplier=sigma * 0.9, sample_rate=q, steps=steps)],
+    )
     assert less_noise.epsilon() > target
 
 
 def test_unreachable_epsilon_is_a_clear_error():
     with pytest.raises(PrivacyError, match="cannot be reached"):
-        noise_multiplier_for(target_epsilon=1e-6, delta=1e-5, sample_rate=1.0,
-                             steps=10_000, accountant="rdp")
+        noise_multiplier_for(
+            target_epsilon=1e-6,
+            delta=1e-5,
+            sample_rate=1.0,
+            steps=10_000,
+            accountant="rdp",
+        )
 
 
 def test_guard_refuses_nan_unchanged_and_exploding_updates():
@@ -146,26 +174,42 @@ def test_guard_refuses_nan_unchanged_and_exploding_updates():
 
 def test_exploding_training_fails_the_round_instead_of_sending():
     # A tiny random model's loss saturates near log(vocab), so "explode" is set tight.
-    cfg, model, data = _setup(learning_rate=1e4, sample_rate=0.3, local_steps=3,
-                              max_loss_ratio=1.001)
+    cfg, model, data = _setup(
+        learning_rate=1e4, sample_rate=0.3, local_steps=3, max_loss_ratio=1.001
+    )
     with pytest.raises(TrainingError, match="max_loss_ratio"):
-        train_local(model, data, training=cfg.training, privacy=cfg.privacy,
-                    noise_multiplier=1.0, seed=0)
+        train_local(
+            model,
+            data,
+            training=cfg.training,
+            privacy=cfg.privacy,
+            noise_multiplier=1.0,
+            seed=0,
+        )
 
 
 def test_dp_training_improves_loss_and_is_deterministic():
-    cfg, model, data = _setup(ffa=True, optimizer="adam", learning_rate=1e-2,
-                              sample_rate=0.25, local_steps=8)
+    cfg, model, data = _setup(
+        ffa=True, optimizer="adam", learning_rate=1e-2, sample_rate=0.25, local_steps=8
+    )
     start = trainable_state(model)
     runs = []
     for _ in range(2):
         from common.adapter import load_trainable_state
 
         load_trainable_state(model, start)
-        res = train_local(model, data, training=cfg.training, privacy=cfg.privacy,
-                          noise_multiplier=0.5, seed=11, round_num=1)
+        res = train_local(
+            model,
+            data,
+            training=cfg.training,
+            privacy=cfg.privacy,
+            noise_multiplier=0.5,
+            seed=11,
+            round_num=1,
+        )
         runs.append(res)
     assert runs[0].loss_after < runs[0].loss_before
     assert all(np.array_equal(runs[0].arrays[k], runs[1].arrays[k]) for k in start)
-    assert runs[0].event == DPEvent(noise_multiplier=0.5, sample_rate=0.25, steps=8,
-                                    round=1)
+    assert runs[0].event == DPEvent(
+        noise_multiplier=0.5, sample_rate=0.25, steps=8, round=1
+    )

@@ -1,0 +1,169 @@
+"""DP-LoRA versus non-private LoRA: step time and peak memory, side by side.
+
+Each mode runs in its own process on the same model, the same fixed batch and the same
+number of threads, and reports the median step time and the peak RSS while training
+(the high-water mark is reset after the model is loaded). Modes:
+
+* ``lora``: ``privacy.enabled = false`` (same loss, same normaliser, no clipping/noise)
+* ``dp-hooks``: Opacus per-sample gradients from module hooks (our default)
+* ``dp-functorch``: Opacus per-sample gradients via torch.func for every layer
+
+Usage: ``python bench/dp_overhead.py [--models tiny-llama smollm2-135m] [--steps 8]``.
+Prints one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+MODES = ["lora", "dp-hooks", "dp-functorch"]
+
+
+def _rss_kb(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    return 0
+
+
+def worker(
+    mode: str, model_name: str, batch: int, seq: int, steps: int, threads: int
+) -> dict:
+    import torch
+
+    torch.set_num_threads(threads)
+    from client.trainer import LocalTrainer
+    from common.config import RunConfig
+    from common.corpus import host_records
+    from common.lm import encode
+    from common.models import build_adapter_model, load_base_model
+
+    cfg = RunConfig.build(
+        {
+            "model": {"name": model_name, "max_length": seq},
+            "training": {"batch_size": batch, "learning_rate": 1e-3},
+            "privacy": {
+                "enabled": mode != "lora",
+                "noise_multiplier": 1.0,
+                "grad_sample_mode": "functorch" if mode == "dp-functorch" else "hooks",
+            },
+        }
+    )
+    base = load_base_model(cfg.model)
+    model = build_adapter_model(base, cfg.lora, seed=0)
+    data = encode(host_records(0, batch, seed=0), base.tokenizer, seq)
+    fixed = data.take(torch.arange(batch))
+    rss_before = _rss_kb("VmRSS")
+    Path("/proc/self/clear_refs").write_text("5")  # reset the peak-RSS high-water mark
+    times = []
+    with LocalTrainer(
+        model,
+        training=cfg.training,
+        privacy=cfg.privacy,
+        noise_multiplier=1.0 if mode != "lora" else None,
+        seed=0,
+    ) as tr:
+        for i in range(steps + 2):
+            t0 = time.perf_counter()
+            tr.step(fixed)
+            if i >= 2:  # two warm-up steps
+                times.append(time.perf_counter() - t0)
+    peak = _rss_kb("VmHWM")
+    return {
+        "median_step_s": statistics.median(times),
+        "peak_rss_mb": peak / 1024,
+        "rss_before_mb": rss_before / 1024,
+        "train_mem_mb": (peak - rss_before) / 1024,
+    }
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--models", nargs="+", default=["tiny-llama", "smollm2-135m"])
+    p.add_argument("--steps", type=int, default=8)
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--seq", type=int, default=40)
+    p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    p.add_argument("--worker", help=argparse.SUPPRESS)
+    p.add_argument("--model", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.worker:
+        print(
+            json.dumps(
+                worker(
+                    args.worker,
+                    args.model,
+                    args.batch,
+                    args.seq,
+                    args.steps,
+                    args.threads,
+                )
+            )
+        )
+        return
+    out: dict = {
+        "batch": args.batch,
+        "seq": args.seq,
+        "threads": args.threads,
+        "steps": args.steps,
+        "models": {},
+    }
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(ROOT),
+        "HF_HUB_OFFLINE": "1",
+        "PYTHONWARNINGS": "ignore",
+    }
+    for model in args.models:
+        res = {}
+        for mode in MODES:
+            proc = subprocess.run(
+                [
+                    sys.executable,
+                    __file__,
+                    "--worker",
+                    mode,
+                    "--model",
+                    model,
+                    "--batch",
+                    str(args.batch),
+                    "--seq",
+                    str(args.seq),
+                    "--steps",
+                    str(args.steps),
+                    "--threads",
+                    str(args.threads),
+                ],
+                capture_output=True,
+                text=True,
+                env=env,
+                check=True,
+            )
+            res[mode] = json.loads(proc.stdout.strip().splitlines()[-1])
+        plain = res["lora"]
+        for mode in MODES[1:]:
+            res[mode]["step_time_ratio"] = (
+                res[mode]["median_step_s"] / plain["median_step_s"]
+            )
+            res[mode]["peak_rss_ratio"] = (
+                res[mode]["peak_rss_mb"] / plain["peak_rss_mb"]
+            )
+            res[mode]["train_mem_ratio"] = (
+                res[mode]["train_mem_mb"] / plain["train_mem_mb"]
+                if plain["train_mem_mb"] > 0
+                else None
+            )
+        out["models"][model] = res
+    print(json.dumps(out, indent=1))
+
+
+if __name__ == "__main__":
+    main()
