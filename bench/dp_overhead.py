@@ -1,8 +1,10 @@
 """DP-LoRA versus non-private LoRA: step time and peak memory, side by side.
 
-Each mode runs in its own process on the same model, the same fixed batch and the same
-number of threads, and reports the median step time and the peak RSS while training
-(the high-water mark is reset after the model is loaded). Modes:
+Step time: one process holds a model per mode and runs the modes interleaved, step by
+step (A B C A B C ...), on the same fixed batch and threads, so drift of the machine
+hits every mode alike; the median per mode is reported. Peak memory: each mode runs
+again in its own process, and the RSS high-water mark while training is reported
+(reset after the model is loaded). Modes:
 
 * ``lora``: ``privacy.enabled = false`` (same loss, same normaliser, no clipping/noise)
 * ``dp-hooks``: Opacus per-sample gradients from module hooks (our default)

@@ -253,9 +253,10 @@ def check_update(
     if math.isfinite(loss_before) and not (
         math.isfinite(loss_after) and loss_after <= max_loss_ratio * loss_before
     ):
+        # The loss values stay in the host's log: the error reply goes to the server.
+        log.error("Loss on the trained batch: %.4f -> %.4f", loss_before, loss_after)
         raise TrainingError(
-            f"loss on the trained batch went from {loss_before:.3f} to "
-            f"{loss_after:.3f} "
-            f"(more than training.max_loss_ratio = {max_loss_ratio}x); this host's "
-            "round is failed instead of sending the update"
+            "loss on the trained batch rose above training.max_loss_ratio = "
+            f"{max_loss_ratio}x its value before training; this host's round is "
+            "failed instead of sending the update"
         )

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import time
+from pathlib import Path
 from collections.abc import Callable
 from typing import Any
 
@@ -149,7 +150,15 @@ app = ServerApp()
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     """Entry point for ``flwr run .``: settings from ``[tool.flwr.app.config]``."""
-    flat = dict(context.run_config)
-    hosts_dir = flat.pop("hosts-dir", None)
-    cfg = RunConfig.from_flat(flat)
-    run_server(grid, cfg, hosts_dir=str(hosts_dir) if hosts_dir else None)
+    from server.sim import prepare_hosts
+
+    cfg = RunConfig.from_flat(dict(context.run_config))
+    cfg = cfg.with_overrides(out=str(Path(cfg.out).resolve()))
+    # Virtual nodes (Flower's simulation runtime) have no data dir of their own: give
+    # them the built-in streams, one per node. Deployed nodes bring "data-dir".
+    nodes = len(list(grid.get_node_ids()))
+    if nodes > cfg.federation.hosts:
+        cfg = cfg.with_overrides(federation={"hosts": nodes})
+    cfg, hosts_dir = prepare_hosts(cfg)
+    log.info("Run folder %s, %d hosts", cfg.out, cfg.federation.hosts)
+    run_server(grid, cfg, hosts_dir=str(hosts_dir))
