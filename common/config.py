@@ -166,7 +166,7 @@ class RunConfig(_Frozen):
         """Build from dotted keys (Flower run_config / ConfigRecord)."""
         return cls.build(unflatten(flat))
 
-    def with_overrides(self, **sections: dict[str, Any]) -> RunConfig:
+    def with_overrides(self, **sections: Any) -> RunConfig:
         """A copy with some fields replaced, validated again."""
         data = self.model_dump()
         for key, value in sections.items():

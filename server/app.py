@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import logging
 import time
-from pathlib import Path
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from flwr.app import ArrayRecord, Context, MetricRecord
@@ -45,6 +45,7 @@ def run_server(
     """
     folder = RunFolder(cfg.out)
     folder.bind(cfg)
+    budget = cfg.privacy.target_epsilon if cfg.privacy.enabled else None
     folder.clean_partial()
     base = load_base_model(cfg.model)
     model = build_adapter_model(base, cfg.lora, seed=cfg.seed)
@@ -60,7 +61,7 @@ def run_server(
         log.info(
             "Run folder %s already has %d rounds; nothing to do", folder.path, start
         )
-        write_report(folder)
+        write_report(folder, epsilon_budget=budget)
         return folder
     if start:
         log.info("Resuming %s after round %d", folder.path, start)
@@ -140,7 +141,7 @@ def run_server(
         timeout=fed.round_timeout,
         evaluate_fn=evaluate_fn,
     )
-    write_report(folder)
+    write_report(folder, epsilon_budget=budget)
     return folder
 
 

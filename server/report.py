@@ -13,7 +13,7 @@ __all__ = ["write_report"]
 log = logging.getLogger(__name__)
 
 
-def write_report(folder: RunFolder) -> None:
+def write_report(folder: RunFolder, *, epsilon_budget: float | None = None) -> None:
     lines = folder.read_metrics()
     if not lines:
         return
@@ -21,6 +21,7 @@ def write_report(folder: RunFolder) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
     ax_ppl, ax_eps, ax_bytes = axes
@@ -34,24 +35,30 @@ def write_report(folder: RunFolder) -> None:
         ]
         ax_ppl.plot(*zip(*pts, strict=True), marker="o", label=d)
     ax_ppl.set(
-        title="Held-out perplexity per domain", xlabel="round", ylabel="perplexity"
+        title="Held-out perplexity per domain (log scale)",
+        xlabel="round",
+        ylabel="perplexity",
+        yscale="log",
     )
     if domains:
         ax_ppl.legend(fontsize=8)
 
     hosts = sorted({h for ln in lines for h in ln.get("epsilon", {})})
     for h in hosts:
-        pts = [
+        pts = [(0, 0.0)] + [
             (ln["round"], ln["epsilon"][h])
             for ln in lines
             if h in ln.get("epsilon", {})
         ]
         ax_eps.plot(*zip(*pts, strict=True), marker="o", label=h)
+    if epsilon_budget is not None:
+        ax_eps.axhline(epsilon_budget, color="grey", linestyle="--", label="budget")
     ax_eps.set(
         title="Privacy spent per host (epsilon)", xlabel="round", ylabel="epsilon"
     )
+    ax_eps.set_ylim(bottom=0)
     if hosts:
-        ax_eps.legend(fontsize=8)
+        ax_eps.legend(fontsize=8, loc="lower right")
 
     rounds = [ln for ln in lines if ln.get("bytes")]
     senders = sorted({h for ln in rounds for h in ln["bytes"]})
@@ -62,7 +69,9 @@ def write_report(folder: RunFolder) -> None:
         ax_bytes.bar(xs, ys, width=width, label=h)
     ax_bytes.set(title="Update size sent per host", xlabel="round", ylabel="KiB")
     if senders:
-        ax_bytes.legend(fontsize=8)
+        ax_bytes.legend(fontsize=8, loc="lower right")
+    for ax in axes:
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
 
     fig.tight_layout()
     fig.savefig(folder.report_path, dpi=90)

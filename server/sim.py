@@ -137,6 +137,10 @@ def run(
     if not verbose:
         for category in (DeprecationWarning, FutureWarning, UserWarning):
             warnings.filterwarnings("ignore", category=category)
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+        hf_logging.set_verbosity_error()
     from common.adapter import trainable_state
     from common.models import build_adapter_model, load_base_model
     from common.privacy import planned_noise_multiplier
