@@ -30,18 +30,20 @@ def _pids_using(marker: str) -> list[int]:
     return pids
 
 
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
+    except OSError:
+        return False
+
+
 def _stop(pids: list[int]) -> None:
     """SIGTERM, wait up to 20 s (its simulation child exits with it), then SIGKILL."""
     for pid in pids:
         os.kill(pid, signal.SIGTERM)
     deadline = time.monotonic() + 20
     while pids and time.monotonic() < deadline:
-        pids = [
-            p
-            for p in pids
-            if Path(f"/proc/{p}").exists()
-            and "Z" not in Path(f"/proc/{p}/stat").read_text().split()[2]
-        ]
+        pids = [p for p in pids if _alive(p)]
         time.sleep(0.2)
     for pid in pids:
         os.kill(pid, signal.SIGKILL)
