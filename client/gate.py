@@ -1,0 +1,169 @@
+"""The quality gate: every input is either a clean record or a rejection with a reason.
+
+Checks, in order: size of the raw input, UTF-8, JSON (depth-limited), schema (types,
+lengths, text xor prompt/response), control characters (stripped) and unpaired
+surrogates (rejected), empty text, then PII scrubbing. Duplicates are decided later,
+against the store (``client.ingest``), because they depend on what is stored.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import unicodedata
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+from client.pii import Scrubber
+
+__all__ = ["Clean", "Gate", "GateSettings", "Rejected", "normalise"]
+
+_CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")
+_SURROGATE = re.compile(r"[\ud800-\udfff]")
+_SPACE = re.compile(r"\s+")
+_FIELDS = {"text", "prompt", "response", "tags", "label", "ts", "id"}
+
+
+@dataclass(frozen=True)
+class GateSettings:
+    max_raw_bytes: int = 262_144  # whole input, before parsing
+    max_text_bytes: int = 32_768  # text, or prompt + response
+    max_depth: int = 4  # JSON nesting
+    max_tags: int = 16
+    max_field_chars: int = 256  # tag, label, id
+    pii_extra: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Clean:
+    content: dict[str, Any]  # text | prompt+response, tags, label, id (scrubbed)
+    ts: float  # 0 = time of arrival
+    key_text: str  # normalised text used for dedup hashes and shingles
+    pii: Counter[str]
+
+
+@dataclass(frozen=True)
+class Rejected:
+    reason: str
+
+
+def normalise(text: str) -> str:
+    return _SPACE.sub(" ", text).strip().lower()
+
+
+def _depth(obj: Any) -> int:
+    depth, frontier = 0, [obj]
+    while frontier:
+        depth += 1
+        nxt: list[Any] = []
+        for item in frontier:
+            if isinstance(item, dict):
+                nxt.extend(item.values())
+            elif isinstance(item, list):
+                nxt.extend(item)
+        frontier = nxt
+    return depth - 1
+
+
+class Gate:
+    def __init__(self, settings: GateSettings | None = None) -> None:
+        self.settings = settings or GateSettings()
+        self.scrubber = Scrubber(self.settings.pii_extra)
+
+    def inspect(self, raw: bytes | dict[str, Any]) -> Clean | Rejected:
+        """Never raises: a malformed input comes back as ``Rejected(reason)``."""
+        try:
+            return self._inspect(raw)
+        except RecursionError:
+            return Rejected("too_deep")
+        except Exception as err:
+            return Rejected(f"gate_error:{type(err).__name__}")
+
+    def _inspect(self, raw: bytes | dict[str, Any]) -> Clean | Rejected:
+        s = self.settings
+        if isinstance(raw, (bytes, bytearray, memoryview)):
+            raw = bytes(raw)
+            if len(raw) > s.max_raw_bytes:
+                return Rejected("too_large")
+            try:
+                decoded = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                return Rejected("invalid_utf8")
+            try:
+                obj = json.loads(decoded)
+            except json.JSONDecodeError:
+                return Rejected("invalid_json")
+        else:
+            obj = raw
+        if not isinstance(obj, dict):
+            return Rejected("not_an_object")
+        if _depth(obj) > s.max_depth:
+            return Rejected("too_deep")
+        unknown = sorted(set(obj) - _FIELDS)
+        if unknown:
+            return Rejected(f"unknown_field:{unknown[0][:40]}")
+        return self._fields(obj)
+
+    def _fields(self, obj: dict[str, Any]) -> Clean | Rejected:
+        s = self.settings
+        text, prompt, response = obj.get("text"), obj.get("prompt"), obj.get("response")
+        if text is not None and (prompt is not None or response is not None):
+            return Rejected("schema:text_and_prompt")
+        if text is None and (prompt is None or response is None):
+            return Rejected("schema:no_text")
+        parts = (
+            {"text": text}
+            if text is not None
+            else {"prompt": prompt, "response": response}
+        )
+        content: dict[str, Any] = {}
+        pii: Counter[str] = Counter()
+        size = 0
+        for name, value in parts.items():
+            if not isinstance(value, str):
+                return Rejected(f"schema:{name}_not_string")
+            if _SURROGATE.search(value):
+                return Rejected("invalid_unicode")
+            size += len(value.encode("utf-8"))
+            if size > s.max_text_bytes:
+                return Rejected("too_large")
+            value = unicodedata.normalize("NFC", _CONTROL.sub("", value))
+            if not value.strip():
+                return Rejected("empty")
+            scrubbed = self.scrubber.scrub(value)
+            pii.update(scrubbed.counts)
+            content[name] = scrubbed.text
+        for name in ("label", "id"):
+            value = obj.get(name)
+            if value is None:
+                continue
+            if isinstance(value, int) and not isinstance(value, bool) and name == "id":
+                value = str(value)
+            if not isinstance(value, str):
+                return Rejected(f"schema:{name}_not_string")
+            if not value or len(value) > s.max_field_chars or _SURROGATE.search(value):
+                return Rejected(f"schema:{name}_invalid")
+            content[name] = value
+        tags = obj.get("tags")
+        if tags is not None:
+            if not isinstance(tags, list) or len(tags) > s.max_tags:
+                return Rejected("schema:tags_invalid")
+            if not all(
+                isinstance(t, str)
+                and 0 < len(t) <= s.max_field_chars
+                and not _SURROGATE.search(t)
+                for t in tags
+            ):
+                return Rejected("schema:tags_invalid")
+            content["tags"] = list(tags)
+        ts = obj.get("ts", 0)
+        if (
+            isinstance(ts, bool)
+            or not isinstance(ts, (int, float))
+            or not (math.isfinite(ts) and 0 <= ts < 1e11)
+        ):
+            return Rejected("schema:ts_invalid")
+        key_text = normalise("\n".join(content[k] for k in parts))
+        return Clean(content=content, ts=float(ts), key_text=key_text, pii=pii)

@@ -1,0 +1,325 @@
+"""The agent's durable store: SQLite in WAL mode, record content encrypted at rest.
+
+One file ``<data-dir>/store.db`` holds stored records, quarantined inputs with their
+reasons, counters that account for every record received, and source offsets. Record
+content (text or prompt/response, tags, label, producer id) is sealed with AES-GCM; the
+row's dedup key is its associated data, so a payload cannot be moved to another row.
+Dedup keys and balancing groups are keyed hashes (HMAC with a key derived from the store
+key): nothing in the file is plaintext of a record.
+
+Durability: a batch is one transaction; ``commit`` returns only after SQLite has
+committed it (``synchronous=FULL`` by default), so an acknowledged record survives
+``kill -9`` and power loss. At the disk quota a whole batch is refused and nothing of
+it is written.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import json
+import os
+import sqlite3
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+from common.errors import FedstreamError
+
+__all__ = [
+    "KeyError_",
+    "QuotaExceeded",
+    "Store",
+    "StoreError",
+    "StoredRecord",
+    "load_key",
+]
+
+KEY_ENV = "FEDSTREAM_STORE_KEY"
+_CHECK = b"fedstream store key check v1"
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta(key TEXT PRIMARY KEY, value BLOB NOT NULL);
+CREATE TABLE IF NOT EXISTS records(
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    rid BLOB NOT NULL UNIQUE,          -- keyed hash of producer id, else of content
+    chash BLOB NOT NULL,               -- keyed hash of normalised content
+    grp BLOB NOT NULL,                 -- keyed hash of label/first tag (balancing)
+    arrived REAL NOT NULL,
+    ts REAL NOT NULL,
+    nbytes INTEGER NOT NULL,
+    nonce BLOB NOT NULL,
+    payload BLOB NOT NULL,
+    steps INTEGER NOT NULL DEFAULT 0,  -- DP-SGD steps this record was eligible in
+    retired INTEGER NOT NULL DEFAULT 0
+);
+CREATE INDEX IF NOT EXISTS records_chash ON records(chash);
+CREATE INDEX IF NOT EXISTS records_live ON records(retired, seq);
+CREATE TABLE IF NOT EXISTS quarantine(
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    arrived REAL NOT NULL,
+    reason TEXT NOT NULL,
+    source TEXT NOT NULL,
+    nbytes INTEGER NOT NULL,
+    nonce BLOB NOT NULL,
+    payload BLOB NOT NULL
+);
+CREATE TABLE IF NOT EXISTS counters(name TEXT PRIMARY KEY, value INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS offsets(source TEXT PRIMARY KEY, value TEXT NOT NULL);
+"""
+
+
+class StoreError(FedstreamError):
+    """The store cannot be opened or written."""
+
+
+class KeyError_(StoreError):
+    """The key does not open this store."""
+
+
+class QuotaExceeded(StoreError):
+    """Storing the batch would exceed the disk quota; nothing was written."""
+
+
+def load_key(key_file: Path | None, *, create: bool = True) -> bytes:
+    """The 32-byte store key from ``$FEDSTREAM_STORE_KEY`` (base64) or a key file.
+
+    A missing key file is created with mode 0600 when ``create`` is true.
+    """
+    env = os.environ.get(KEY_ENV)
+    if env:
+        try:
+            key = base64.b64decode(env, validate=True)
+        except ValueError:
+            raise KeyError_(f"{KEY_ENV} is not base64") from None
+        if len(key) != 32:
+            raise KeyError_(f"{KEY_ENV} must hold 32 bytes (base64), got {len(key)}")
+        return key
+    if key_file is None:
+        raise KeyError_(f"no store key: set {KEY_ENV} or store.key_file")
+    if key_file.exists():
+        if key_file.stat().st_mode & 0o077:
+            raise KeyError_(
+                f"key file {key_file} is readable by others; chmod 600 {key_file}"
+            )
+        key = base64.b64decode(key_file.read_bytes().strip())
+        if len(key) != 32:
+            raise KeyError_(f"key file {key_file} must hold 32 bytes in base64")
+        return key
+    if not create:
+        raise KeyError_(f"key file {key_file} does not exist")
+    key = AESGCM.generate_key(bit_length=256)
+    key_file.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(key_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as fh:
+        fh.write(base64.b64encode(key) + b"\n")
+        fh.flush()
+        os.fsync(fh.fileno())
+    return key
+
+
+@dataclass(frozen=True)
+class StoredRecord:
+    seq: int
+    content: dict[str, Any]  # text or prompt/response, tags, label, id
+    arrived: float
+    ts: float
+    steps: int
+
+
+@dataclass
+class Batch:
+    """Rows to write in one transaction (built by the ingest pipeline)."""
+
+    records: list[tuple[bytes, bytes, bytes, float, dict[str, Any]]] = field(
+        default_factory=list
+    )  # (rid, chash, grp, ts, content)
+    quarantine: list[tuple[str, str, bytes]] = field(default_factory=list)
+    counters: dict[str, int] = field(default_factory=dict)
+    offsets: dict[str, str] = field(default_factory=dict)
+
+    def count(self, name: str, n: int = 1) -> None:
+        self.counters[name] = self.counters.get(name, 0) + n
+
+
+class Store:
+    def __init__(
+        self,
+        path: Path,
+        key: bytes,
+        *,
+        quota_bytes: int = 0,
+        synchronous: str = "FULL",
+    ) -> None:
+        self.path = path
+        self.quota_bytes = quota_bytes
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            self.db = sqlite3.connect(
+                path, isolation_level=None, check_same_thread=False
+            )
+            self.db.execute("PRAGMA journal_mode=WAL")
+            self.db.execute(f"PRAGMA synchronous={synchronous}")
+            self.db.executescript(_SCHEMA)
+        except sqlite3.DatabaseError as err:
+            raise StoreError(f"cannot open store {path}: {err}") from None
+        self._aead = AESGCM(key)
+        self._mac = hmac.new(key, b"fedstream hash key v1", hashlib.sha256).digest()
+        self._check_key()
+
+    # -- keys -----------------------------------------------------------------------
+    def _check_key(self) -> None:
+        row = self.db.execute("SELECT value FROM meta WHERE key='key_check'").fetchone()
+        if row is None:
+            nonce = os.urandom(12)
+            sealed = nonce + self._aead.encrypt(nonce, _CHECK, b"meta")
+            self.db.execute("INSERT INTO meta VALUES('key_check', ?)", (sealed,))
+            return
+        try:
+            self._aead.decrypt(row[0][:12], row[0][12:], b"meta")
+        except InvalidTag:
+            raise KeyError_(
+                f"the key does not open store {self.path} (it was created with another "
+                "key); nothing was changed. Use the original key file or "
+                f"${KEY_ENV}"
+            ) from None
+
+    def keyed_hash(self, data: bytes) -> bytes:
+        return hmac.new(self._mac, data, hashlib.sha256).digest()[:16]
+
+    def _seal(self, obj: dict[str, Any], aad: bytes) -> tuple[bytes, bytes]:
+        nonce = os.urandom(12)
+        blob = json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode()
+        return nonce, self._aead.encrypt(nonce, blob, aad)
+
+    def _open(self, nonce: bytes, payload: bytes, aad: bytes) -> dict[str, Any]:
+        try:
+            return json.loads(self._aead.decrypt(nonce, payload, aad))  # type: ignore[no-any-return]
+        except InvalidTag:
+            raise StoreError(f"a payload in {self.path} fails authentication") from None
+
+    # -- writes ---------------------------------------------------------------------
+    def known(self, rids: Iterable[bytes]) -> set[bytes]:
+        rids = list(rids)
+        if not rids:
+            return set()
+        marks = ",".join("?" * len(rids))
+        rows = self.db.execute(f"SELECT rid FROM records WHERE rid IN ({marks})", rids)
+        return {r[0] for r in rows}
+
+    def content_known(self, chashes: Iterable[bytes]) -> set[bytes]:
+        chashes = list(chashes)
+        if not chashes:
+            return set()
+        marks = ",".join("?" * len(chashes))
+        rows = self.db.execute(
+            f"SELECT chash FROM records WHERE chash IN ({marks})", chashes
+        )
+        return {r[0] for r in rows}
+
+    def commit(self, batch: Batch) -> list[int]:
+        """Write ``batch`` in one transaction; returns the new records' seq numbers.
+
+        Raises ``QuotaExceeded`` (nothing written) if the quota would be exceeded.
+        """
+        now = time.time()
+        rows = []
+        for rid, chash, grp, ts, content in batch.records:
+            nonce, payload = self._seal(content, rid)
+            rows.append((rid, chash, grp, now, ts or now, len(payload), nonce, payload))
+        qrows = []
+        for reason, source, raw in batch.quarantine:
+            nonce, payload = self._seal({"raw": base64.b64encode(raw).decode()}, b"q")
+            qrows.append((now, reason, source, len(payload), nonce, payload))
+        incoming = sum(r[5] for r in rows) + sum(q[3] for q in qrows)
+        if self.quota_bytes and self.bytes_used() + incoming > self.quota_bytes:
+            raise QuotaExceeded(
+                f"store {self.path} is at its quota ({self.quota_bytes} bytes); "
+                "raise store.quota_bytes or lower store.retention_days"
+            )
+        seqs = []
+        cur = self.db.cursor()
+        cur.execute("BEGIN IMMEDIATE")
+        try:
+            for row in rows:
+                cur.execute(
+                    "INSERT INTO records(rid, chash, grp, arrived, ts, nbytes, nonce, "
+                    "payload) VALUES (?,?,?,?,?,?,?,?)",
+                    row,
+                )
+                seqs.append(int(cur.lastrowid or 0))
+            cur.executemany(
+                "INSERT INTO quarantine(arrived, reason, source, nbytes, nonce, "
+                "payload) VALUES (?,?,?,?,?,?)",
+                qrows,
+            )
+            cur.executemany(
+                "INSERT INTO counters VALUES(?, ?) ON CONFLICT(name) "
+                "DO UPDATE SET value = value + excluded.value",
+                list(batch.counters.items()),
+            )
+            cur.executemany(
+                "INSERT INTO offsets VALUES(?, ?) ON CONFLICT(source) "
+                "DO UPDATE SET value = excluded.value",
+                list(batch.offsets.items()),
+            )
+            cur.execute("COMMIT")
+        except BaseException:
+            cur.execute("ROLLBACK")
+            raise
+        return seqs
+
+    # -- reads ----------------------------------------------------------------------
+    def bytes_used(self) -> int:
+        row = self.db.execute(
+            "SELECT (SELECT COALESCE(SUM(nbytes),0) FROM records) + "
+            "(SELECT COALESCE(SUM(nbytes),0) FROM quarantine)"
+        ).fetchone()
+        return int(row[0])
+
+    def counters(self) -> dict[str, int]:
+        return {
+            k: int(v) for k, v in self.db.execute("SELECT name, value FROM counters")
+        }
+
+    def offset(self, source: str) -> str | None:
+        row = self.db.execute("SELECT value FROM offsets WHERE source=?", (source,))
+        got = row.fetchone()
+        return None if got is None else str(got[0])
+
+    def count(self, *, live: bool = True) -> int:
+        sql = "SELECT COUNT(*) FROM records" + (" WHERE retired=0" if live else "")
+        return int(self.db.execute(sql).fetchone()[0])
+
+    def iter_records(self, seqs: Iterable[int] | None = None) -> Iterator[StoredRecord]:
+        if seqs is None:
+            cur = self.db.execute(
+                "SELECT seq, rid, arrived, ts, steps, nonce, payload FROM records "
+                "ORDER BY seq"
+            )
+        else:
+            seqs = list(seqs)
+            marks = ",".join("?" * len(seqs))
+            cur = self.db.execute(
+                "SELECT seq, rid, arrived, ts, steps, nonce, payload FROM records "
+                f"WHERE seq IN ({marks}) ORDER BY seq",
+                seqs,
+            )
+        for seq, rid, arrived, ts, steps, nonce, payload in cur:
+            yield StoredRecord(seq, self._open(nonce, payload, rid), arrived, ts, steps)
+
+    def quarantined(self) -> Iterator[tuple[str, str, bytes]]:
+        for reason, source, nonce, payload in self.db.execute(
+            "SELECT reason, source, nonce, payload FROM quarantine ORDER BY seq"
+        ):
+            raw = base64.b64decode(self._open(nonce, payload, b"q")["raw"])
+            yield reason, source, raw
+
+    def close(self) -> None:
+        self.db.close()

@@ -1,0 +1,114 @@
+"""Configuration of the data-host agent (``fedstream-agent --config agent.toml``).
+
+Validated once into frozen models like the run config; unknown keys are errors that
+name the field. Sources are picked by name from the registry in ``client.sources``.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from common.config import format_validation_error
+from common.errors import ConfigError
+
+__all__ = [
+    "AgentConfig",
+    "GateConfig",
+    "GrpcSource",
+    "JsonlSource",
+    "KafkaSource",
+    "StoreSettings",
+]
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid", validate_default=True)
+
+
+class StoreSettings(_Frozen):
+    key_file: str | None = Field(
+        None,
+        description="Key file (created 0600 on first start); default "
+        "<data_dir>/store.key. $FEDSTREAM_STORE_KEY (base64) takes precedence.",
+    )
+    quota_bytes: int = Field(0, ge=0, description="Disk quota for records; 0 = none.")
+    synchronous: Literal["FULL", "NORMAL"] = Field(
+        "FULL", description="SQLite synchronous: FULL survives power loss too."
+    )
+
+
+class GateConfig(_Frozen):
+    max_raw_bytes: int = Field(262_144, ge=64, description="Largest raw input.")
+    max_text_bytes: int = Field(32_768, ge=16, description="Largest text.")
+    max_depth: int = Field(4, ge=1, le=64, description="JSON nesting limit.")
+    max_tags: int = Field(16, ge=0, description="Tags per record.")
+    horizon: int = Field(10_000, ge=0, description="Records checked for near-dups.")
+    near_threshold: float = Field(
+        0.8, gt=0, le=1, description="MinHash Jaccard at which a record is a near-dup."
+    )
+    pii_extra: dict[str, str] = Field(
+        default_factory=dict, description="Extra PII patterns: NAME = regex."
+    )
+
+
+class GrpcSource(_Frozen):
+    type: Literal["grpc"] = "grpc"
+    listen: str = Field(
+        "127.0.0.1:7700", description="host:port of the ingest service."
+    )
+    max_records_per_call: int = Field(10_000, ge=1, description="Per request.")
+
+
+class JsonlSource(_Frozen):
+    type: Literal["jsonl"] = "jsonl"
+    path: str = Field(description="A .jsonl file, or a folder of them (tailed).")
+    poll_s: float = Field(0.5, gt=0, description="Seconds between looks for new data.")
+    batch: int = Field(512, ge=1, description="Records per transaction.")
+
+
+class KafkaSource(_Frozen):
+    type: Literal["kafka"] = "kafka"
+    bootstrap: str = Field(description="Broker host:port list.")
+    topic: str = Field(description="Topic to consume.")
+    group: str = Field("fedstream-agent", description="Consumer group id.")
+    batch: int = Field(512, ge=1, description="Records per transaction.")
+
+
+Source = Annotated[GrpcSource | JsonlSource | KafkaSource, Field(discriminator="type")]
+
+
+def _default_source() -> GrpcSource | JsonlSource | KafkaSource:
+    return GrpcSource()
+
+
+class AgentConfig(_Frozen):
+    data_dir: str = Field(description="The host's data dir (store, ledger, keys).")
+    store: StoreSettings = StoreSettings()
+    gate: GateConfig = GateConfig()
+    sources: list[Source] = Field(default_factory=lambda: [_default_source()])
+
+    @classmethod
+    def from_toml(cls, path: str | Path) -> AgentConfig:
+        path = Path(path)
+        try:
+            data = tomllib.loads(path.read_text())
+        except FileNotFoundError:
+            raise ConfigError(f"config file {path} does not exist") from None
+        except tomllib.TOMLDecodeError as err:
+            raise ConfigError(f"config file {path} is not valid TOML: {err}") from None
+        try:
+            return cls.model_validate(data)
+        except ValidationError as err:
+            raise ConfigError(format_validation_error(err)) from None
+
+    @property
+    def key_path(self) -> Path:
+        return Path(self.store.key_file or Path(self.data_dir) / "store.key")
+
+    @property
+    def store_path(self) -> Path:
+        return Path(self.data_dir) / "store.db"

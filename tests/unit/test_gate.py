@@ -1,0 +1,102 @@
+"""The quality gate and PII scrubbing."""
+
+import json
+
+import pytest
+
+from client.gate import Clean, Gate, GateSettings, Rejected
+from client.pii import Scrubber, iban_ok, luhn_ok
+
+PLANTED = {
+    "EMAIL": "jane.doe+ward7@hospital.example.org",
+    "PHONE": "+44 20 7946 0958",
+    "CARD": "4111 1111 1111 1111",
+    "IBAN": "DE89 3704 0044 0532 0130 00",
+    "IP": "192.168.10.24",
+    "SECRET": "AKIAIOSFODNN7EXAMPLE",
+}
+
+
+@pytest.mark.parametrize("kind", sorted(PLANTED))
+@pytest.mark.parametrize("where", ["start", "middle", "end"])
+def test_planted_pii_is_replaced_by_its_placeholder(kind, where):
+    secret = PLANTED[kind]
+    text = {
+        "start": f"{secret} was seen",
+        "middle": f"we saw {secret} today",
+        "end": f"the value is {secret}",
+    }[where]
+    out = Scrubber().scrub(text)
+    assert secret not in out.text
+    assert f"[{kind}]" in out.text and out.counts[kind] == 1
+
+
+def test_checksums_keep_ordinary_numbers():
+    assert luhn_ok("4111111111111111") and not luhn_ok("4111111111111112")
+    assert iban_ok("GB82WEST12345698765432") and not iban_ok("GB82WEST12345698765433")
+    text = "Ticket 48213 took 4000 ms; BP 120/80; order 4111111111111112"
+    assert Scrubber().scrub(text).text == text
+
+
+def test_key_value_secrets_keep_the_key_and_extra_patterns_apply():
+    s = Scrubber({"mrn": r"MRN-\d{6}"})
+    out = s.scrub("password: hunter2x and api_key=abcd1234efgh for MRN-004211")
+    assert out.text == "password: [SECRET] and api_key=[SECRET] for [MRN]"
+    with pytest.raises(ValueError, match="scoped flags"):
+        Scrubber({"bad": "(?i)x"})
+
+
+@pytest.mark.parametrize(
+    ("raw", "reason"),
+    [
+        (b"\xff\xfe\xfd", "invalid_utf8"),
+        (b"{nope", "invalid_json"),
+        (b"[1, 2]", "not_an_object"),
+        (b'{"text": "x", "colour": "red"}', "unknown_field:colour"),
+        (b'{"text": "x", "prompt": "p", "response": "r"}', "schema:text_and_prompt"),
+        (b'{"prompt": "only a prompt"}', "schema:no_text"),
+        (b'{"text": 42}', "schema:text_not_string"),
+        (b'{"text": " \\n\\t "}', "empty"),
+        (b'{"text": "\\u0000\\u0001"}', "empty"),
+        (b'{"text": "a\\ud800b"}', "invalid_unicode"),
+        (b'{"text": "x", "ts": -1}', "schema:ts_invalid"),
+        (b'{"text": "x", "ts": "soon"}', "schema:ts_invalid"),
+        (b'{"text": "x", "tags": "a"}', "schema:tags_invalid"),
+        (b'{"text": "x", "label": ""}', "schema:label_invalid"),
+        (b'{"text": {"a": {"b": {"c": {"d": {"e": 1}}}}}}', "too_deep"),
+        (b"[" * 150_000 + b"]" * 150_000, "too_large"),
+        (b'{"text": "' + b"a" * 40_000 + b'"}', "too_large"),
+    ],
+)
+def test_each_rejection_has_its_reason(raw, reason):
+    verdict = Gate().inspect(raw)
+    assert isinstance(verdict, Rejected) and verdict.reason == reason
+
+
+def test_deep_json_within_size_is_rejected_not_crashed():
+    raw = b'{"text": "x", "tags": ' + b"[" * 20_000 + b"]" * 20_000 + b"}"
+    verdict = Gate(GateSettings(max_raw_bytes=10**6)).inspect(raw)
+    assert isinstance(verdict, Rejected) and verdict.reason == "too_deep"
+
+
+def test_clean_record_is_repaired_and_scrubbed():
+    raw = json.dumps(
+        {
+            "prompt": "Reset my card\x07 4111 1111 1111 1111?",
+            "response": "Done, mail sent to a@b.io",
+            "tags": ["cards"],
+            "label": "support",
+            "ts": 1700000000,
+            "id": 7,
+        }
+    ).encode()
+    verdict = Gate().inspect(raw)
+    assert isinstance(verdict, Clean)
+    assert verdict.content == {
+        "prompt": "Reset my card [CARD]?",
+        "response": "Done, mail sent to [EMAIL]",
+        "tags": ["cards"],
+        "label": "support",
+        "id": "7",
+    }
+    assert verdict.ts == 1700000000 and dict(verdict.pii) == {"CARD": 1, "EMAIL": 1}
