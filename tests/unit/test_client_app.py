@@ -41,9 +41,10 @@ def setup(tmp_path):
     return cfg, tmp_path / "host-a"
 
 
-def _message(cfg, data_dir, rnd):
-    _, model = adapter_model(cfg)
-    arrays = trainable_state(model)
+def _message(cfg, data_dir, rnd, arrays=None):
+    if arrays is None:
+        _, model = adapter_model(cfg)
+        arrays = trainable_state(model)
     config = ConfigRecord(
         {**{f"run.{k}": v for k, v in cfg.to_flat().items()}, "server-round": rnd}
     )
@@ -104,3 +105,30 @@ def test_missing_data_comes_back_as_an_error_reply(tmp_path, setup):
     msg, ctx, _ = _message(cfg, tmp_path / "nowhere", 1)
     reply = train(msg, ctx)
     assert reply.has_error() and "does not exist" in reply.error.reason
+
+
+def test_noise_and_sampling_come_from_the_host_secret_not_the_config(tmp_path, setup):
+    """The server knows the whole run config (seed included); it must not be able to
+    regenerate a host's noise. Same config + same records + other secret = other
+    update; same secret = same update (a re-run round repeats its noise)."""
+    import shutil
+    import stat
+
+    cfg, data_dir = setup
+    twin = tmp_path / "host-b"
+    shutil.copytree(data_dir / "records", twin / "records")
+    deltas = []
+    _, _, start = _message(cfg, data_dir, 1)  # one global adapter for all three
+    for d in (data_dir, twin, data_dir):
+        if d == data_dir and (d / "ledger.json").exists():
+            (d / "ledger.json").unlink()  # same starting budget for the repeat
+        msg, ctx, _ = _message(cfg, d, 1, arrays=start)
+        reply = train(msg, ctx)
+        assert not reply.has_error(), reply.error
+        deltas.append(reply.content.array_records["arrays"]["delta"].numpy())
+    assert not np.array_equal(deltas[0], deltas[1])
+    assert np.array_equal(deltas[0], deltas[2])
+    for d in (data_dir, twin):
+        assert stat.S_IMODE((d / "host.secret").stat().st_mode) == 0o600
+        assert len((d / "host.secret").read_bytes()) == 32
+    assert (data_dir / "host.secret").read_bytes() != (twin / "host.secret").read_bytes()
