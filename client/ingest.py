@@ -51,10 +51,12 @@ class NearDuplicates:
         *,
         horizon: int,
         threshold: float,
-        num_perm: int = 64,
+        num_perm: int = 128,
         bands: int = 16,
         seed: int = 17,
     ) -> None:
+        # 16 bands of 8 rows: a pair at Jaccard 0.8 becomes a candidate with
+        # probability 1-(1-0.8^8)^16 = 0.95, a pair at 0.3 with 0.001.
         self.horizon = horizon
         self.threshold = threshold
         self.num_perm = num_perm
@@ -76,28 +78,32 @@ class NearDuplicates:
             for b in range(self.num_perm // self.rows)
         ]
 
-    def query(
-        self, sketch: np.ndarray, extra: dict[int, np.ndarray] | None = None
-    ) -> bool:
+    def query(self, sketch: np.ndarray) -> bool:
         candidates: set[int] = set()
         for band in self._bands(sketch):
             candidates |= self.buckets.get(band, set())
-        pool = [self.sketches[c] for c in candidates]
-        pool += list((extra or {}).values())
-        return any(float(np.mean(other == sketch)) >= self.threshold for other in pool)
+        if not candidates:
+            return False
+        pool = np.stack([self.sketches[c] for c in candidates])  # (k, num_perm)
+        return bool((pool == sketch).mean(axis=1).max() >= self.threshold)
 
     def add(self, key: int, sketch: np.ndarray) -> None:
         self.sketches[key] = sketch
         for band in self._bands(sketch):
             self.buckets[band].add(key)
         while len(self.sketches) > self.horizon:
-            old, old_sketch = self.sketches.popitem(last=False)
-            for band in self._bands(old_sketch):
-                bucket = self.buckets.get(band)
-                if bucket is not None:
-                    bucket.discard(old)
-                    if not bucket:
-                        del self.buckets[band]
+            self.remove(next(iter(self.sketches)))
+
+    def remove(self, key: int) -> None:
+        old = self.sketches.pop(key, None)
+        if old is None:
+            return
+        for band in self._bands(old):
+            bucket = self.buckets.get(band)
+            if bucket is not None:
+                bucket.discard(key)
+                if not bucket:
+                    del self.buckets[band]
 
 
 def _raw_bytes(raw: bytes | dict[str, Any]) -> bytes:
@@ -182,7 +188,6 @@ class Ingestor:
         known_content = self.store.content_known(c[3] for c in cleans)
         seen_rids: set[bytes] = set()
         seen_content: set[bytes] = set()
-        batch_sketches: dict[int, np.ndarray] = {}
         pending: list[tuple[int, np.ndarray]] = []
         for pos, clean, rid, chash, source, grp in cleans:
             if rid in known_rids or rid in seen_rids:
@@ -198,20 +203,26 @@ class Ingestor:
                 acks[pos] = Ack(QUARANTINED, "duplicate")
                 continue
             sketch = self.near.sketch(clean.key_text)
-            if self.near.query(sketch, batch_sketches):
+            if self.near.query(sketch):
                 self._quarantine(batch, "near_duplicate", source, raw)
                 acks[pos] = Ack(QUARANTINED, "near_duplicate")
                 continue
             seen_rids.add(rid)
             seen_content.add(chash)
-            batch_sketches[pos] = sketch
+            # Indexed under a temporary key so later records of this batch see it;
+            # replaced by its seq after the commit, removed if the commit fails.
+            self.near.add(-1 - pos, sketch)
             batch.records.append((rid, chash, grp, clean.ts, clean.content))
             batch.count("stored")
             for kind, n in clean.pii.items():
                 batch.count(f"pii:{kind}", n)
             pending.append((pos, sketch))
 
-        seqs = self.store.commit(batch)
+        try:
+            seqs = self.store.commit(batch)
+        finally:
+            for pos, _ in pending:
+                self.near.remove(-1 - pos)
         for (pos, sketch), seq in zip(pending, seqs, strict=True):
             acks[pos] = Ack(STORED, "", seq)
             self.near.add(seq, sketch)

@@ -56,7 +56,8 @@ CREATE TABLE IF NOT EXISTS records(
     nbytes INTEGER NOT NULL,
     nonce BLOB NOT NULL,
     payload BLOB NOT NULL,
-    steps INTEGER NOT NULL DEFAULT 0,  -- DP-SGD steps this record was eligible in
+    elig INTEGER NOT NULL DEFAULT 0,   -- rounds this record was eligible to train in
+    queries INTEGER NOT NULL DEFAULT 0, -- rounds it was counted in (noisy counts)
     retired INTEGER NOT NULL DEFAULT 0
 );
 CREATE INDEX IF NOT EXISTS records_chash ON records(chash);
@@ -130,7 +131,7 @@ class StoredRecord:
     content: dict[str, Any]  # text or prompt/response, tags, label, id
     arrived: float
     ts: float
-    steps: int
+    elig: int
 
 
 @dataclass
@@ -300,19 +301,76 @@ class Store:
     def iter_records(self, seqs: Iterable[int] | None = None) -> Iterator[StoredRecord]:
         if seqs is None:
             cur = self.db.execute(
-                "SELECT seq, rid, arrived, ts, steps, nonce, payload FROM records "
+                "SELECT seq, rid, arrived, ts, elig, nonce, payload FROM records "
                 "ORDER BY seq"
             )
         else:
             seqs = list(seqs)
             marks = ",".join("?" * len(seqs))
             cur = self.db.execute(
-                "SELECT seq, rid, arrived, ts, steps, nonce, payload FROM records "
+                "SELECT seq, rid, arrived, ts, elig, nonce, payload FROM records "
                 f"WHERE seq IN ({marks}) ORDER BY seq",
                 seqs,
             )
-        for seq, rid, arrived, ts, steps, nonce, payload in cur:
-            yield StoredRecord(seq, self._open(nonce, payload, rid), arrived, ts, steps)
+        for seq, rid, arrived, ts, elig, nonce, payload in cur:
+            yield StoredRecord(seq, self._open(nonce, payload, rid), arrived, ts, elig)
+
+    # -- stream ledger ----------------------------------------------------------------
+    def live(self) -> list[tuple[int, bytes, int, int]]:
+        """(seq, group, eligible rounds, counted rounds) of every live record."""
+        return [
+            (int(a), bytes(b), int(c), int(d))
+            for a, b, c, d in self.db.execute(
+                "SELECT seq, grp, elig, queries FROM records WHERE retired=0 "
+                "ORDER BY seq"
+            )
+        ]
+
+    def meta_int(self, key: str, default: int = 0) -> int:
+        row = self.db.execute("SELECT value FROM meta WHERE key=?", (key,)).fetchone()
+        return default if row is None else int(row[0])
+
+    def apply_round(
+        self,
+        *,
+        counted: list[int],
+        eligible: list[int],
+        retired: list[int],
+        meta: dict[str, int],
+    ) -> None:
+        """Record one round's privacy spend in one transaction."""
+        cur = self.db.cursor()
+        cur.execute("BEGIN IMMEDIATE")
+        try:
+            cur.executemany(
+                "UPDATE records SET queries = queries + 1 WHERE seq=?",
+                [(s,) for s in counted],
+            )
+            cur.executemany(
+                "UPDATE records SET elig = elig + 1 WHERE seq=?",
+                [(s,) for s in eligible],
+            )
+            cur.executemany(
+                "UPDATE records SET retired = 1 WHERE seq=?", [(s,) for s in retired]
+            )
+            cur.executemany(
+                "INSERT INTO meta VALUES(?, ?) ON CONFLICT(key) DO UPDATE "
+                "SET value = excluded.value",
+                [(k, str(v).encode()) for k, v in meta.items()],
+            )
+            cur.execute("COMMIT")
+        except BaseException:
+            cur.execute("ROLLBACK")
+            raise
+
+    def spend(self) -> list[tuple[int, int, int]]:
+        """Distinct (eligible rounds, counted rounds, records) over all records."""
+        return [
+            (int(a), int(b), int(c))
+            for a, b, c in self.db.execute(
+                "SELECT elig, queries, COUNT(*) FROM records GROUP BY elig, queries"
+            )
+        ]
 
     def quarantined(self) -> Iterator[tuple[str, str, bytes]]:
         for reason, source, nonce, payload in self.db.execute(

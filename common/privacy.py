@@ -11,6 +11,7 @@ the data, so epsilon itself reveals nothing about the host's dataset.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import tempfile
@@ -23,7 +24,13 @@ from opacus.accountants.utils import get_noise_multiplier
 from common.config import PrivacyConfig, TrainingConfig
 from common.errors import PrivacyError
 
-__all__ = ["DPEvent", "Ledger", "noise_multiplier_for", "planned_noise_multiplier"]
+__all__ = [
+    "DPEvent",
+    "Ledger",
+    "StreamPlan",
+    "noise_multiplier_for",
+    "planned_noise_multiplier",
+]
 
 
 @dataclass(frozen=True)
@@ -159,3 +166,60 @@ def planned_noise_multiplier(
         steps=rounds * training.local_steps,
         accountant=privacy.accountant,
     )
+
+
+@dataclass(frozen=True)
+class StreamPlan:
+    """Per-record accounting for a host that trains on a stream.
+
+    A record's privacy loss comes only from the rounds it takes part in:
+
+    * every round while it is live, one Gaussian count query (noise ``count_noise``,
+      sensitivity 1: each record is in exactly one count) that sets the eligibility
+      rates of the fresh window and of each replay group;
+    * every round it is eligible, ``steps_per_round`` Poisson-subsampled Gaussian
+      steps (rate ``sample_rate``, noise ``noise_multiplier``).
+
+    ``epsilon(m, c)`` composes both with the accountant for a record that was
+    eligible in ``m`` rounds and counted in ``c``. A host's guarantee is the largest
+    epsilon over its records; a record retires before it would pass ``record_budget``.
+    """
+
+    noise_multiplier: float
+    sample_rate: float
+    steps_per_round: int
+    count_noise: float
+    record_budget: float
+    delta: float
+    accountant: str = "rdp"
+
+    def __post_init__(self) -> None:
+        for name in ("noise_multiplier", "count_noise", "record_budget"):
+            if not getattr(self, name) > 0:
+                raise PrivacyError(
+                    f"StreamPlan.{name} must be > 0, got {getattr(self, name)}"
+                )
+
+    def events(self, eligible_rounds: int, count_rounds: int) -> list[DPEvent]:
+        return [
+            DPEvent(
+                noise_multiplier=self.noise_multiplier,
+                sample_rate=self.sample_rate,
+                steps=self.steps_per_round * eligible_rounds,
+            ),
+            DPEvent(
+                noise_multiplier=self.count_noise, sample_rate=1.0, steps=count_rounds
+            ),
+        ]
+
+    def epsilon(self, eligible_rounds: int, count_rounds: int) -> float:
+        return _stream_epsilon(self, eligible_rounds, count_rounds)
+
+    def fits(self, eligible_rounds: int, count_rounds: int) -> bool:
+        return self.epsilon(eligible_rounds, count_rounds) <= self.record_budget
+
+
+@functools.lru_cache(maxsize=4096)
+def _stream_epsilon(plan: StreamPlan, eligible_rounds: int, count_rounds: int) -> float:
+    events = [e for e in plan.events(eligible_rounds, count_rounds) if e.steps > 0]
+    return epsilon_of(events, delta=plan.delta, accountant=plan.accountant)

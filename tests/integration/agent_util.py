@@ -59,6 +59,17 @@ def stop(proc: subprocess.Popen[bytes], sig: int | None = None) -> None:
         proc.wait()
 
 
+def stored_count(data_dir: Path) -> int:
+    """Rows in the store, read without the key (cheap enough to poll)."""
+    import sqlite3
+
+    db = sqlite3.connect(f"file:{data_dir / 'store.db'}?mode=ro", uri=True)
+    try:
+        return int(db.execute("SELECT COUNT(*) FROM records").fetchone()[0])
+    finally:
+        db.close()
+
+
 def stored_ids(data_dir: Path) -> list[str]:
     from client.store import Store, load_key
 

@@ -16,6 +16,7 @@ from tests.integration.agent_util import (
     free_port,
     start_agent,
     stop,
+    stored_count,
     stored_ids,
     wait_port,
     write_config,
@@ -76,7 +77,7 @@ def _produce(bootstrap: str, topic: str, n: int) -> None:
 
 
 def test_kill_mid_consumption_then_restart_stores_every_record_once(broker, tmp_path):
-    n = 400
+    n = 3000
     _produce(broker, "notes", n)
     data = tmp_path / "host"
     cfg = write_config(
@@ -86,14 +87,14 @@ def test_kill_mid_consumption_then_restart_stores_every_record_once(broker, tmp_
     )
     proc = start_agent(cfg, tmp_path / "agent.log")
     try:
-        _wait_for(lambda: len(stored_ids(data)) >= 40, timeout=90)
+        _wait_for(lambda: stored_count(data) >= 40, timeout=90, poll=0.02)
     finally:
         stop(proc, signal.SIGKILL)  # mid-consumption: some offsets not committed yet
     first = len(stored_ids(data))
     assert first < n, "consumed everything before the kill; nothing was tested"
     proc = start_agent(cfg, tmp_path / "agent.log")
     try:
-        _wait_for(lambda: len(stored_ids(data)) >= n, timeout=120)
+        _wait_for(lambda: stored_count(data) >= n, timeout=120)
         time.sleep(1.0)  # let any redelivered batch land: it must add nothing
     finally:
         stop(proc)
@@ -102,7 +103,7 @@ def test_kill_mid_consumption_then_restart_stores_every_record_once(broker, tmp_
     assert max(ids.values()) == 1
 
 
-def _wait_for(cond, timeout: float) -> None:
+def _wait_for(cond, timeout: float, poll: float = 0.1) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         try:
@@ -110,5 +111,5 @@ def _wait_for(cond, timeout: float) -> None:
                 return
         except Exception:  # the store may not exist yet
             pass
-        time.sleep(0.1)
+        time.sleep(poll)
     raise TimeoutError("condition not reached")

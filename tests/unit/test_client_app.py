@@ -131,4 +131,6 @@ def test_noise_and_sampling_come_from_the_host_secret_not_the_config(tmp_path, s
     for d in (data_dir, twin):
         assert stat.S_IMODE((d / "host.secret").stat().st_mode) == 0o600
         assert len((d / "host.secret").read_bytes()) == 32
-    assert (data_dir / "host.secret").read_bytes() != (twin / "host.secret").read_bytes()
+    assert (data_dir / "host.secret").read_bytes() != (
+        twin / "host.secret"
+    ).read_bytes()

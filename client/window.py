@@ -1,0 +1,115 @@
+"""Which stored records a round trains on: the fresh window plus a balanced replay.
+
+Eligibility is decided per record, from the record itself and DP outputs only, so the
+per-record accounting of ``common.privacy.StreamPlan`` holds:
+
+1. Noisy counts. Each live record is counted once: in the fresh count if it arrived
+   since the last round, else in its replay group's count (group = keyed hash of its
+   label or first tag). Gaussian noise ``count_noise`` is added to every count. This is
+   the only place other records influence a record's eligibility, and it is a DP
+   output charged to every live record.
+2. Rates from the noisy counts: ``min(1, fresh_cap / fresh)`` for fresh records and
+   ``min(1, replay_cap / group)`` for each replay group, so a surge of one kind fills
+   its own share and cannot crowd out the others, and the expected training set is
+   bounded by ``fresh_cap + groups x replay_cap`` however long the stream runs.
+3. Coins. A record is eligible when its own keyed coin HMAC(secret, seq, round) falls
+   below its rate: independent of every other record.
+4. Budget. A record that could not afford this round (its epsilon after one more
+   eligible round would pass the per-record budget) is not eligible; one that cannot
+   afford even being counted again retires for good.
+
+The ledger update (counted, eligible, retired) is committed before training starts,
+so it is on disk before any update can leave the host.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+from collections import defaultdict
+from dataclasses import dataclass
+
+import numpy as np
+
+from client.store import Store
+from common.privacy import StreamPlan
+
+__all__ = ["Selection", "WindowSettings", "host_epsilon", "select_round"]
+
+
+@dataclass(frozen=True)
+class WindowSettings:
+    fresh_cap: int = 256  # expected fresh records a round
+    replay_cap: int = 64  # expected replayed records per group a round
+
+
+@dataclass(frozen=True)
+class Selection:
+    round: int
+    eligible: list[int]  # seqs to train on
+    fresh: int  # eligible fresh records
+    replay: int  # eligible replayed records
+    retired: int  # records retired this round
+    live: int  # live records after this round
+
+
+def _coin(secret: bytes, seq: int, rnd: int) -> float:
+    mac = hmac.new(secret, f"coin:{seq}:{rnd}".encode(), hashlib.sha256).digest()
+    return int.from_bytes(mac[:7], "big") / 2.0**56
+
+
+def select_round(
+    store: Store,
+    plan: StreamPlan,
+    settings: WindowSettings,
+    *,
+    round_num: int,
+    secret: bytes,
+) -> Selection:
+    """Choose and commit this round's eligible records (see the module docstring)."""
+    last_seq = store.meta_int("fresh_after", 0)
+    live = store.live()
+    fresh_key = b"\x00fresh"
+    groups: dict[bytes, list[tuple[int, int, int]]] = defaultdict(list)
+    for seq, grp, elig, queries in live:
+        groups[fresh_key if seq > last_seq else grp].append((seq, elig, queries))
+
+    counted, eligible, retired = [], [], []
+    fresh = replay = 0
+    for key in sorted(groups):
+        members = groups[key]
+        # Noise keyed by (round, group) from the host secret: the server cannot
+        # reproduce it, and one group's noise does not depend on which others exist.
+        tag = b"counts:%d:" % round_num + key
+        seed = hmac.new(secret, tag, hashlib.sha256).digest()
+        rng = np.random.default_rng(int.from_bytes(seed[:8], "big"))
+        noisy = len(members) + rng.normal(0.0, plan.count_noise)
+        cap = settings.fresh_cap if key == fresh_key else settings.replay_cap
+        rate = min(1.0, cap / max(noisy, 1.0))
+        for seq, elig, queries in members:
+            if not plan.fits(elig, queries + 1):
+                retired.append(seq)  # cannot even be counted again
+                continue
+            counted.append(seq)
+            coin = _coin(secret, seq, round_num)
+            if plan.fits(elig + 1, queries + 1) and coin < rate:
+                eligible.append(seq)
+                if key == fresh_key:
+                    fresh += 1
+                else:
+                    replay += 1
+    top = max((s for s, *_ in live), default=last_seq)
+    store.apply_round(
+        counted=counted,
+        eligible=eligible,
+        retired=retired,
+        meta={"fresh_after": top, "last_round": round_num},
+    )
+    return Selection(
+        round_num, sorted(eligible), fresh, replay, len(retired), len(counted)
+    )
+
+
+def host_epsilon(store: Store, plan: StreamPlan) -> float:
+    """The host's guarantee: the largest per-record epsilon over all its records."""
+    return max((plan.epsilon(m, c) for m, c, _ in store.spend()), default=0.0)
