@@ -17,6 +17,7 @@ import logging
 import signal
 import sys
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -56,6 +57,8 @@ class Agent:
         self.ingestor = Ingestor(
             self.store, gate, horizon=g.horizon, near_threshold=g.near_threshold
         )
+        self._stop_retention = threading.Event()
+        self._retention = threading.Thread(target=self._retention_loop, daemon=True)
         self.sources: list[Any] = []
         for src in cfg.sources:
             factory = SOURCES[src.type]
@@ -68,11 +71,27 @@ class Agent:
         for src in self.sources:
             src.start()
             log.info("Source %s started", src.name)
+        if self.cfg.store.retention_days > 0:
+            self._retention.start()
 
     def stop(self) -> None:
         for src in self.sources:
             src.stop()
+        self._stop_retention.set()
+        if self._retention.is_alive():
+            self._retention.join()
         self.store.close()
+
+    def _retention_loop(self) -> None:
+        """Apply ``store.retention_days`` at start and then every minute."""
+        while True:
+            cutoff = time.time() - self.cfg.store.retention_days * 86400
+            with self.ingestor.lock:  # never purge under a commit in progress
+                removed = self.store.purge(cutoff)
+            if removed:
+                log.info("Retention: removed %d records", removed)
+            if self._stop_retention.wait(60):
+                return
 
     def stats(self) -> Any:
         from common.proto import ingest_pb2
@@ -88,21 +107,26 @@ class Agent:
             bytes_used=info["bytes_used"],
             bytes_quota=info["bytes_quota"],
             epsilon_spent=info["epsilon_spent"],
-            can_train=info["stored"] > 0,
+            epsilon_budget=info["epsilon_budget"] or 0.0,
+            window=info["window"],
+            replay=info["replay"],
+            can_train=info["can_train"],
         )
 
 
 def status_dict(cfg: AgentConfig, store: Store) -> dict[str, Any]:
     counters = store.counters()
-    ledger_path = Path(cfg.data_dir) / "ledger.json"
-    epsilon = 0.0
-    if ledger_path.exists():
-        from common.privacy import Ledger  # imports torch: only when there is a ledger
+    plan = store.meta_json("plan")  # written by the ClientApp at each round
+    last = store.meta_json("last_selection") or {}
+    epsilon, budget = 0.0, None
+    if plan and plan.get("dp"):
+        from common.privacy import StreamPlan  # imports torch: only when trained
 
-        data = json.loads(ledger_path.read_text())
-        epsilon = Ledger.load(
-            ledger_path, accountant=data["accountant"], delta=data["delta"]
-        ).epsilon()
+        fields = {k: v for k, v in plan.items() if k != "dp"}
+        stream = StreamPlan(**fields)
+        epsilon = max((stream.epsilon(m, c) for m, c, _ in store.spend()), default=0.0)
+        budget = stream.record_budget
+    live = store.count()
     return {
         "received": counters.get("received", 0),
         "stored": counters.get("stored", 0),
@@ -116,10 +140,17 @@ def status_dict(cfg: AgentConfig, store: Store) -> dict[str, Any]:
         "pii_redactions": {
             k.split(":", 1)[1]: v for k, v in counters.items() if k.startswith("pii:")
         },
-        "live_records": store.count(),
+        "live_records": live,
+        "retired_records": store.count(live=False) - live,
+        "last_round": store.meta_int("last_round", 0),
+        "window": int(last.get("fresh", 0)),
+        "replay": int(last.get("replay", 0)),
+        "epsilon_spent": epsilon,
+        "epsilon_budget": budget,
+        "epsilon_left": None if budget is None else max(budget - epsilon, 0.0),
+        "can_train": live > 0,
         "bytes_used": store.bytes_used(),
         "bytes_quota": cfg.store.quota_bytes,
-        "epsilon_spent": epsilon,
     }
 
 

@@ -9,6 +9,7 @@ replies, never as exceptions.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import time
@@ -19,11 +20,12 @@ from flwr.clientapp import ClientApp
 
 from client.host import Host, adapter_model, resolve_data_dir
 from client.trainer import train_local
+from client.window import WindowSettings, host_epsilon, select_round
 from common.adapter import encode_delta, from_record, layout_id, load_trainable_state
 from common.config import RunConfig
-from common.errors import FedstreamError, PrivacyError
-from common.lm import evaluate_loss
-from common.privacy import DPEvent, planned_noise_multiplier
+from common.errors import DataError, FedstreamError, PrivacyError
+from common.lm import encode_records, evaluate_loss
+from common.privacy import stream_plan
 
 __all__ = ["app", "coarse_count", "config_from_record"]
 
@@ -72,28 +74,37 @@ def _train(msg: Message, context: Context) -> Message:
     t0 = time.perf_counter()
     host, cfg, server_round = _host(msg, context)
     base, model = adapter_model(cfg)
-    data = host.records(base)
-    ledger = host.ledger()
-
-    sigma = None
-    if cfg.privacy.enabled:
-        sigma = planned_noise_multiplier(
-            cfg.privacy, cfg.training, rounds=cfg.federation.rounds
+    plan = stream_plan(cfg.privacy, cfg.training, rounds=cfg.federation.rounds)
+    window = WindowSettings(
+        fresh_cap=cfg.window.fresh_cap, replay_cap=cfg.window.replay_cap
+    )
+    store = host.open_store()
+    try:
+        # Choose this round's records and commit their privacy spend before training:
+        # the ledger is on disk before the update can leave the host.
+        sel = select_round(
+            store, plan, window, round_num=server_round, secret=host.secret()
         )
-        planned = DPEvent(
-            noise_multiplier=sigma,
-            sample_rate=cfg.training.sample_rate,
-            steps=cfg.training.local_steps,
-            round=server_round,
+        epsilon = host_epsilon(store, plan) if cfg.privacy.enabled else 0.0
+        store.set_meta_json(
+            "plan", dataclasses.asdict(plan) | {"dp": cfg.privacy.enabled}
         )
-        budget = cfg.privacy.target_epsilon
-        if budget is not None and ledger.epsilon_with(planned) > budget * (1 + 1e-3):
-            raise PrivacyError(
-                f"host {host.name}: privacy budget spent "
-                f"(epsilon {ledger.epsilon():.3f} "
-                f"of {budget}); another round would exceed privacy.target_epsilon, so "
-                "this host stops training"
-            )
+        store.set_meta_json(
+            "last_selection", dataclasses.asdict(sel) | {"eligible": len(sel.eligible)}
+        )
+        if not sel.eligible:
+            if sel.live == 0 and store.count(live=False) > 0:
+                raise PrivacyError(
+                    f"host {host.name}: privacy budget spent: every record has used "
+                    f"its budget (epsilon {epsilon:.3f} of "
+                    f"{cfg.privacy.target_epsilon}); "
+                    "this host trains again when new records arrive"
+                )
+            raise DataError(f"host {host.name}: no record is eligible this round")
+        records = [r.content for r in store.iter_records(sel.eligible)]
+    finally:
+        store.close()
+    data = encode_records(records, base.tokenizer, cfg.model.max_length)
 
     global_arrays = from_record(msg.content.array_records["arrays"])
     load_trainable_state(model, global_arrays)
@@ -102,21 +113,17 @@ def _train(msg: Message, context: Context) -> Message:
         data,
         training=cfg.training,
         privacy=cfg.privacy,
-        noise_multiplier=sigma,
+        noise_multiplier=plan.noise_multiplier if cfg.privacy.enabled else None,
         seed=host.round_seed(server_round),
         round_num=server_round,
     )
-    if result.event is not None:
-        ledger.record(result.event)
-        ledger.save(host.ledger_path)  # committed before the update leaves the host
-
     delta = encode_delta(result.arrays, global_arrays, cfg.training.update_dtype)
     metrics = MetricRecord(
         {
             "num-examples": coarse_count(len(data)),
             "train-loss": round(result.mean_loss, 2),
-            "epsilon": ledger.epsilon() if cfg.privacy.enabled else 0.0,
-            "noise-multiplier": float(sigma or 0.0),
+            "epsilon": epsilon,
+            "noise-multiplier": plan.noise_multiplier if cfg.privacy.enabled else 0.0,
             "steps": result.steps,
             "train-seconds": round(time.perf_counter() - t0, 1),
         }
@@ -134,7 +141,12 @@ def evaluate(msg: Message, context: Context) -> Message:
         host, cfg, _ = _host(msg, context)
         base, model = adapter_model(cfg)
         load_trainable_state(model, from_record(msg.content.array_records["arrays"]))
-        data = host.records(base)
+        store = host.open_store()
+        try:
+            recent = [r.content for r in store.iter_records(store.recent(256))]
+        finally:
+            store.close()
+        data = encode_records(recent, base.tokenizer, cfg.model.max_length)
         loss, _ = evaluate_loss(model, data, cfg.data.eval_batch_size)
         metrics: dict[str, Any] = {
             "num-examples": coarse_count(len(data)),

@@ -3,9 +3,10 @@
 The host's data dir comes from ``node_config["data-dir"]`` (deployment) or, in
 simulation, from the run's hosts folder and the virtual node's ``partition-id``::
 
-    <data-dir>/records/*.jsonl|*.txt   records this host trains on
-    <data-dir>/ledger.json             composed privacy spend (survives restarts)
-    <data-dir>/host.secret             32 random bytes (0600): seeds noise, sampling
+    <data-dir>/store.db      the encrypted record store, with each record's privacy
+                             spend (written by fedstream-agent or the simulator)
+    <data-dir>/store.key     its key (0600), unless $FEDSTREAM_STORE_KEY is set
+    <data-dir>/host.secret   32 random bytes (0600): seeds noise, sampling, coins
 
 The DP-SGD noise and the Poisson sampling draw from generators seeded by
 HMAC(host secret, round). Nothing the server knows (the run config, its seed) can
@@ -25,12 +26,10 @@ from pathlib import Path
 
 from peft import PeftModel
 
+from client.store import Store, load_key
 from common.config import RunConfig
-from common.corpus import read_folder
 from common.errors import DataError
-from common.lm import Encoded, encode
 from common.models import BaseModel, build_adapter_model, load_base_model
-from common.privacy import Ledger
 
 __all__ = ["Host", "adapter_model", "ensure_secret", "resolve_data_dir"]
 
@@ -38,7 +37,6 @@ log = logging.getLogger(__name__)
 
 _LOCK = threading.Lock()
 _MODELS: dict[tuple[str, str, int], tuple[BaseModel, PeftModel]] = {}
-_DATA: dict[tuple[str, str, int], Encoded] = {}
 
 
 def ensure_secret(path: Path, value: bytes | None = None) -> bytes:
@@ -92,10 +90,6 @@ class Host:
         return self.data_dir.name
 
     @property
-    def ledger_path(self) -> Path:
-        return self.data_dir / "ledger.json"
-
-    @property
     def secret_path(self) -> Path:
         return self.data_dir / "host.secret"
 
@@ -108,18 +102,12 @@ class Host:
         mac = hmac.new(self.secret(), f"round:{server_round}".encode(), hashlib.sha256)
         return int.from_bytes(mac.digest()[:7], "big")
 
-    def ledger(self) -> Ledger:
-        return Ledger.load(
-            self.ledger_path,
-            accountant=self.cfg.privacy.accountant,
-            delta=self.cfg.privacy.delta,
-        )
-
-    def records(self, base: BaseModel) -> Encoded:
-        key = (str(self.data_dir), self.cfg.model.name, self.cfg.model.max_length)
-        with _LOCK:
-            if key not in _DATA:
-                texts = read_folder(self.data_dir / "records")
-                _DATA[key] = encode(texts, base.tokenizer, self.cfg.model.max_length)
-                log.info("Host %s: %d records loaded", self.name, len(texts))
-            return _DATA[key]
+    def open_store(self) -> Store:
+        """The host's store; it must exist (the agent or the simulator fills it)."""
+        path = self.data_dir / "store.db"
+        if not path.exists():
+            raise DataError(
+                f"host {self.name} has no store at {path}: start fedstream-agent "
+                "with this data dir, or give the simulator data"
+            )
+        return Store(path, load_key(self.data_dir / "store.key", create=False))

@@ -72,6 +72,11 @@ CREATE TABLE IF NOT EXISTS quarantine(
     payload BLOB NOT NULL
 );
 CREATE TABLE IF NOT EXISTS counters(name TEXT PRIMARY KEY, value INTEGER NOT NULL);
+-- privacy spend of records removed by retention, so the host's epsilon never drops
+CREATE TABLE IF NOT EXISTS spend_archive(
+    elig INTEGER NOT NULL, queries INTEGER NOT NULL, n INTEGER NOT NULL,
+    PRIMARY KEY (elig, queries)
+);
 CREATE TABLE IF NOT EXISTS offsets(source TEXT PRIMARY KEY, value TEXT NOT NULL);
 """
 
@@ -316,42 +321,85 @@ class Store:
             yield StoredRecord(seq, self._open(nonce, payload, rid), arrived, ts, elig)
 
     # -- stream ledger ----------------------------------------------------------------
-    def live(self) -> list[tuple[int, bytes, int, int]]:
-        """(seq, group, eligible rounds, counted rounds) of every live record."""
-        return [
-            (int(a), bytes(b), int(c), int(d))
-            for a, b, c, d in self.db.execute(
-                "SELECT seq, grp, elig, queries FROM records WHERE retired=0 "
-                "ORDER BY seq"
-            )
-        ]
+    def recent(self, n: int) -> list[int]:
+        """Seqs of the ``n`` newest live records."""
+        rows = self.db.execute(
+            "SELECT seq FROM records WHERE retired=0 ORDER BY seq DESC LIMIT ?", (n,)
+        )
+        return sorted(int(r[0]) for r in rows)
+
+    def max_seq(self) -> int:
+        return int(
+            self.db.execute("SELECT COALESCE(MAX(seq), 0) FROM records").fetchone()[0]
+        )
+
+    def live_summary(
+        self, last_seq: int, top: int
+    ) -> list[tuple[bool, bytes, int, int, int]]:
+        """(fresh?, group, eligible rounds, counted rounds, records) of live records."""
+        rows = self.db.execute(
+            "SELECT seq > ?, grp, elig, queries, COUNT(*) FROM records "
+            "WHERE retired=0 AND seq <= ? GROUP BY seq > ?, grp, elig, queries",
+            (last_seq, top, last_seq),
+        )
+        return [(bool(a), bytes(b), int(c), int(d), int(e)) for a, b, c, d, e in rows]
+
+    def iter_live(self, top: int) -> Iterator[tuple[int, bytes, int, int]]:
+        """Stream (seq, group, eligible rounds, counted rounds) of live records."""
+        cur = self.db.execute(
+            "SELECT seq, grp, elig, queries FROM records WHERE retired=0 AND seq <= ? "
+            "ORDER BY seq",
+            (top,),
+        )
+        for seq, grp, elig, queries in cur:
+            yield int(seq), bytes(grp), int(elig), int(queries)
 
     def meta_int(self, key: str, default: int = 0) -> int:
         row = self.db.execute("SELECT value FROM meta WHERE key=?", (key,)).fetchone()
         return default if row is None else int(row[0])
 
+    def meta_json(self, key: str) -> Any:
+        row = self.db.execute("SELECT value FROM meta WHERE key=?", (key,)).fetchone()
+        return None if row is None else json.loads(row[0])
+
+    def set_meta_json(self, key: str, value: Any) -> None:
+        self.db.execute(
+            "INSERT INTO meta VALUES(?, ?) ON CONFLICT(key) DO UPDATE "
+            "SET value = excluded.value",
+            (key, json.dumps(value).encode()),
+        )
+
     def apply_round(
         self,
         *,
-        counted: list[int],
+        top: int,
+        retire: list[tuple[int, int]],
         eligible: list[int],
-        retired: list[int],
         meta: dict[str, int],
-    ) -> None:
-        """Record one round's privacy spend in one transaction."""
+    ) -> tuple[int, int]:
+        """One round's privacy spend, in one transaction: retire the records whose
+        (eligible, counted) spend is in ``retire``, charge every other live record one
+        count query, and every record in ``eligible`` one eligible round.
+        Returns (records retired, live records)."""
         cur = self.db.cursor()
         cur.execute("BEGIN IMMEDIATE")
         try:
-            cur.executemany(
-                "UPDATE records SET queries = queries + 1 WHERE seq=?",
-                [(s,) for s in counted],
+            retired = 0
+            for elig, queries in retire:
+                cur.execute(
+                    "UPDATE records SET retired=1 WHERE retired=0 AND seq <= ? "
+                    "AND elig=? AND queries=?",
+                    (top, elig, queries),
+                )
+                retired += cur.rowcount
+            cur.execute(
+                "UPDATE records SET queries = queries + 1 WHERE retired=0 AND seq <= ?",
+                (top,),
             )
+            live = cur.rowcount
             cur.executemany(
                 "UPDATE records SET elig = elig + 1 WHERE seq=?",
                 [(s,) for s in eligible],
-            )
-            cur.executemany(
-                "UPDATE records SET retired = 1 WHERE seq=?", [(s,) for s in retired]
             )
             cur.executemany(
                 "INSERT INTO meta VALUES(?, ?) ON CONFLICT(key) DO UPDATE "
@@ -362,15 +410,45 @@ class Store:
         except BaseException:
             cur.execute("ROLLBACK")
             raise
+        return retired, live
 
     def spend(self) -> list[tuple[int, int, int]]:
-        """Distinct (eligible rounds, counted rounds, records) over all records."""
-        return [
-            (int(a), int(b), int(c))
-            for a, b, c in self.db.execute(
-                "SELECT elig, queries, COUNT(*) FROM records GROUP BY elig, queries"
+        """Distinct (eligible rounds, counted rounds, records) over every record ever
+        stored, those removed by retention included."""
+        rows = self.db.execute(
+            "SELECT elig, queries, SUM(n) FROM ("
+            " SELECT elig, queries, COUNT(*) AS n FROM records GROUP BY elig, queries"
+            " UNION ALL SELECT elig, queries, n FROM spend_archive"
+            ") GROUP BY elig, queries ORDER BY elig, queries"
+        )
+        return [(int(a), int(b), int(c)) for a, b, c in rows]
+
+    def purge(self, older_than: float) -> int:
+        """Retention: delete records and quarantined inputs that arrived before
+        ``older_than`` (epoch seconds), archiving the records' privacy spend."""
+        cur = self.db.cursor()
+        cur.execute("BEGIN IMMEDIATE")
+        try:
+            cur.execute(
+                "INSERT INTO spend_archive(elig, queries, n) "
+                "SELECT elig, queries, COUNT(*) FROM records WHERE arrived < ? "
+                "GROUP BY elig, queries "
+                "ON CONFLICT(elig, queries) DO UPDATE SET n = n + excluded.n",
+                (older_than,),
             )
-        ]
+            cur.execute("DELETE FROM records WHERE arrived < ?", (older_than,))
+            removed = cur.rowcount
+            cur.execute("DELETE FROM quarantine WHERE arrived < ?", (older_than,))
+            cur.execute(
+                "INSERT INTO counters VALUES('purged', ?) ON CONFLICT(name) "
+                "DO UPDATE SET value = value + excluded.value",
+                (removed,),
+            )
+            cur.execute("COMMIT")
+        except BaseException:
+            cur.execute("ROLLBACK")
+            raise
+        return int(removed)
 
     def quarantined(self) -> Iterator[tuple[str, str, bytes]]:
         for reason, source, nonce, payload in self.db.execute(

@@ -66,48 +66,52 @@ def select_round(
     round_num: int,
     secret: bytes,
 ) -> Selection:
-    """Choose and commit this round's eligible records (see the module docstring)."""
-    last_seq = store.meta_int("fresh_after", 0)
-    live = store.live()
-    fresh_key = b"\x00fresh"
-    groups: dict[bytes, list[tuple[int, int, int]]] = defaultdict(list)
-    for seq, grp, elig, queries in live:
-        groups[fresh_key if seq > last_seq else grp].append((seq, elig, queries))
+    """Choose and commit this round's eligible records (see the module docstring).
 
-    counted, eligible, retired = [], [], []
-    fresh = replay = 0
-    for key in sorted(groups):
-        members = groups[key]
+    Memory is bounded by configuration: counts come from one SQL aggregate, the
+    live records are streamed once, and only the eligible seqs are kept.
+    """
+    last_seq = store.meta_int("fresh_after", 0)
+    top = store.max_seq()  # records arriving during selection wait for next round
+    fresh_key = b"\x00fresh"
+    # 1. Counts of the records that can afford this round's count query.
+    counts: dict[bytes, int] = defaultdict(int)
+    retiring: list[tuple[int, int]] = []
+    for is_fresh, grp, elig, queries, n in store.live_summary(last_seq, top):
+        if plan.fits(elig, queries + 1):
+            counts[fresh_key if is_fresh else grp] += n
+        else:
+            retiring.append((elig, queries))  # cannot even be counted again
+    rates = {}
+    for key, n in counts.items():
         # Noise keyed by (round, group) from the host secret: the server cannot
         # reproduce it, and one group's noise does not depend on which others exist.
         tag = b"counts:%d:" % round_num + key
         seed = hmac.new(secret, tag, hashlib.sha256).digest()
-        rng = np.random.default_rng(int.from_bytes(seed[:8], "big"))
-        noisy = len(members) + rng.normal(0.0, plan.count_noise)
+        noisy = n + np.random.default_rng(int.from_bytes(seed[:8], "big")).normal(
+            0.0, plan.count_noise
+        )
         cap = settings.fresh_cap if key == fresh_key else settings.replay_cap
-        rate = min(1.0, cap / max(noisy, 1.0))
-        for seq, elig, queries in members:
-            if not plan.fits(elig, queries + 1):
-                retired.append(seq)  # cannot even be counted again
-                continue
-            counted.append(seq)
-            coin = _coin(secret, seq, round_num)
-            if plan.fits(elig + 1, queries + 1) and coin < rate:
-                eligible.append(seq)
-                if key == fresh_key:
-                    fresh += 1
-                else:
-                    replay += 1
-    top = max((s for s, *_ in live), default=last_seq)
-    store.apply_round(
-        counted=counted,
+        rates[key] = min(1.0, cap / max(noisy, 1.0))
+    # 2. Each record's own coin against its group's rate.
+    eligible: list[int] = []
+    fresh = replay = 0
+    for seq, grp, elig, queries in store.iter_live(top):
+        key = fresh_key if seq > last_seq else grp
+        if key not in rates or not plan.fits(elig + 1, queries + 1):
+            continue
+        if _coin(secret, seq, round_num) < rates[key]:
+            eligible.append(seq)
+            fresh += key == fresh_key
+            replay += key != fresh_key
+    # 3. The spend, committed before any training.
+    retired, live = store.apply_round(
+        top=top,
+        retire=retiring,
         eligible=eligible,
-        retired=retired,
-        meta={"fresh_after": top, "last_round": round_num},
+        meta={"fresh_after": max(top, last_seq), "last_round": round_num},
     )
-    return Selection(
-        round_num, sorted(eligible), fresh, replay, len(retired), len(counted)
-    )
+    return Selection(round_num, eligible, fresh, replay, retired, live)
 
 
 def host_epsilon(store: Store, plan: StreamPlan) -> float:

@@ -39,6 +39,9 @@ class StoreSettings(_Frozen):
     synchronous: Literal["FULL", "NORMAL"] = Field(
         "FULL", description="SQLite synchronous: FULL survives power loss too."
     )
+    retention_days: float = Field(
+        0.0, ge=0, description="Delete records older than this; 0 keeps them."
+    )
 
 
 class GateConfig(_Frozen):

@@ -26,6 +26,7 @@ __all__ = [
     "PrivacyConfig",
     "RunConfig",
     "TrainingConfig",
+    "WindowConfig",
     "format_validation_error",
 ]
 
@@ -70,6 +71,12 @@ class PrivacyConfig(_Frozen):
     grad_sample_mode: Literal["hooks", "functorch"] = Field(
         "hooks", description="Opacus per-sample gradient mode."
     )
+    count_noise: float = Field(
+        10.0,
+        gt=0,
+        description="Gaussian noise sigma on the per-group record counts that set "
+        "the window/replay rates (charged to every live record each round).",
+    )
 
     @model_validator(mode="after")
     def _one_noise_source(self) -> PrivacyConfig:
@@ -110,6 +117,15 @@ class TrainingConfig(_Frozen):
     )
 
 
+class WindowConfig(_Frozen):
+    fresh_cap: int = Field(
+        512, ge=1, description="Expected records a round from the fresh window."
+    )
+    replay_cap: int = Field(
+        256, ge=1, description="Expected records a round from each replay group."
+    )
+
+
 class FederationConfig(_Frozen):
     hosts: int = Field(4, ge=1, description="Virtual hosts in simulation.")
     rounds: int = Field(3, ge=1, description="Federated rounds.")
@@ -139,6 +155,7 @@ class RunConfig(_Frozen):
     lora: LoraSettings = LoraSettings()
     privacy: PrivacyConfig = PrivacyConfig()
     training: TrainingConfig = TrainingConfig()
+    window: WindowConfig = WindowConfig()
     federation: FederationConfig = FederationConfig()
     data: DataConfig = DataConfig()
 

@@ -24,6 +24,7 @@ __all__ = [
     "heldout_sets",
     "host_folders",
     "host_records",
+    "host_stream",
     "read_files",
     "read_folder",
 ]
@@ -186,23 +187,34 @@ def generate(domain: str, n: int, *, seed: int) -> list[str]:
     return [DOMAINS[domain](rng) for _ in range(n)]
 
 
-def host_records(
+def host_stream(
     host: int, n: int, *, seed: int, primary_share: float = 0.8
-) -> list[str]:
-    """Host ``i`` streams mostly domain ``i mod 4`` (non-IID), plus some of the rest."""
+) -> list[dict[str, object]]:
+    """Host ``i`` streams mostly domain ``i mod 4`` (non-IID), plus some of the rest.
+
+    Records are ``{"text": ..., "tags": [domain]}``: the tag balances replay.
+    """
     names = list(DOMAINS)
     primary = names[host % len(names)]
     rng = random.Random(f"host:{host}:{seed}")
     n_primary = round(n * primary_share)
-    texts = generate(primary, n_primary, seed=seed * 1000 + host)
+    pairs = [
+        (t, primary) for t in generate(primary, n_primary, seed=seed * 1000 + host)
+    ]
     others = [d for d in names if d != primary]
     per_other = (n - n_primary) // max(len(others), 1)
     for d in others:
-        texts += generate(d, per_other, seed=seed * 1000 + host + 500)
-    while len(texts) < n:
-        texts += generate(primary, 1, seed=seed * 1000 + host + 900 + len(texts))
-    rng.shuffle(texts)
-    return texts
+        pairs += [(t, d) for t in generate(d, per_other, seed=seed * 1000 + host + 500)]
+    while len(pairs) < n:
+        extra = generate(primary, 1, seed=seed * 1000 + host + 900 + len(pairs))
+        pairs.append((extra[0], primary))
+    rng.shuffle(pairs)
+    return [{"text": t, "tags": [d]} for t, d in pairs]
+
+
+def host_records(host: int, n: int, *, seed: int) -> list[str]:
+    """The texts of ``host_stream``."""
+    return [str(r["text"]) for r in host_stream(host, n, seed=seed)]
 
 
 def heldout_sets(n: int, *, seed: int) -> dict[str, list[str]]:

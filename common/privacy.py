@@ -1,9 +1,9 @@
 """Privacy accounting across rounds.
 
-A host's ``Ledger`` holds every DP-SGD event it has taken part in (noise multiplier,
-Poisson sample rate, steps) and composes them with an Opacus accountant, so the epsilon
-it reports covers the whole run, not one round. The ledger is saved (atomically) before
-an update leaves the host, and a host refuses a round that would exceed its budget.
+Events (noise multiplier, Poisson sample rate, steps) compose with an Opacus accountant
+(``epsilon_of``). On a host, ``StreamPlan`` turns each record's own history (rounds it
+was eligible in, rounds it was counted in) into that record's epsilon; the host's
+guarantee is the largest of them (``client.window``).
 
 Sample rate and the gradient normaliser are fixed by configuration, never computed from
 the data, so epsilon itself reveals nothing about the host's dataset.
@@ -12,11 +12,7 @@ the data, so epsilon itself reveals nothing about the host's dataset.
 from __future__ import annotations
 
 import functools
-import json
-import os
-import tempfile
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
+from dataclasses import dataclass
 
 from opacus.accountants import create_accountant
 from opacus.accountants.utils import get_noise_multiplier
@@ -26,10 +22,11 @@ from common.errors import PrivacyError
 
 __all__ = [
     "DPEvent",
-    "Ledger",
     "StreamPlan",
+    "epsilon_of",
     "noise_multiplier_for",
     "planned_noise_multiplier",
+    "stream_plan",
 ]
 
 
@@ -61,66 +58,6 @@ def epsilon_of(events: list[DPEvent], *, delta: float, accountant: str) -> float
     acc = create_accountant(mechanism=accountant)
     acc.history = [(e.noise_multiplier, e.sample_rate, e.steps) for e in events]
     return float(acc.get_epsilon(delta=delta))
-
-
-@dataclass
-class Ledger:
-    """Composed privacy spend of one host, persisted as JSON."""
-
-    accountant: str
-    delta: float
-    events: list[DPEvent] = field(default_factory=list)
-
-    def epsilon(self) -> float:
-        return epsilon_of(self.events, delta=self.delta, accountant=self.accountant)
-
-    def epsilon_with(self, event: DPEvent) -> float:
-        return epsilon_of(
-            [*self.events, event], delta=self.delta, accountant=self.accountant
-        )
-
-    def record(self, event: DPEvent) -> None:
-        self.events.append(event)
-
-    # -- persistence ----------------------------------------------------------------
-    def save(self, path: Path) -> None:
-        """Write atomically and fsync: a crash leaves the old or the new ledger."""
-        path.parent.mkdir(parents=True, exist_ok=True)
-        blob = json.dumps(
-            {
-                "accountant": self.accountant,
-                "delta": self.delta,
-                "events": [asdict(e) for e in self.events],
-            },
-            indent=1,
-        )
-        fd, tmp = tempfile.mkstemp(prefix=".ledger-", dir=path.parent)
-        with os.fdopen(fd, "w") as fh:
-            fh.write(blob)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-
-    @classmethod
-    def load(cls, path: Path, *, accountant: str, delta: float) -> Ledger:
-        if not path.exists():
-            return cls(accountant=accountant, delta=delta)
-        try:
-            data = json.loads(path.read_text())
-            events = [DPEvent(**e) for e in data["events"]]
-        except (ValueError, KeyError, TypeError) as err:
-            raise PrivacyError(
-                f"privacy ledger {path} is unreadable ({err}); refusing to train "
-                "without knowing the spent budget"
-            ) from None
-        if data.get("accountant") != accountant or data.get("delta") != delta:
-            raise PrivacyError(
-                f"privacy ledger {path} was written with accountant="
-                f"{data.get('accountant')} delta={data.get('delta')}, but the config "
-                f"says accountant={accountant} delta={delta}; keep them fixed for a "
-                "host"
-            )
-        return cls(accountant=accountant, delta=delta, events=events)
 
 
 def noise_multiplier_for(
@@ -155,15 +92,67 @@ def noise_multiplier_for(
 def planned_noise_multiplier(
     privacy: PrivacyConfig, training: TrainingConfig, *, rounds: int
 ) -> float:
-    """The configured sigma, or the one that spends ``target_epsilon`` over the plan."""
+    """The configured sigma, or the smallest one with which a record that is eligible
+    and counted in every one of ``rounds`` rounds ends at ``target_epsilon``."""
     if privacy.noise_multiplier is not None:
         return privacy.noise_multiplier
-    assert privacy.target_epsilon is not None  # enforced by PrivacyConfig
-    return noise_multiplier_for(
-        target_epsilon=privacy.target_epsilon,
-        delta=privacy.delta,
+    target = privacy.target_epsilon
+    assert target is not None  # enforced by PrivacyConfig
+
+    def plan(sigma: float) -> StreamPlan:
+        return StreamPlan(
+            noise_multiplier=sigma,
+            sample_rate=training.sample_rate,
+            steps_per_round=training.local_steps,
+            count_noise=privacy.count_noise,
+            record_budget=target,
+            delta=privacy.delta,
+            accountant=privacy.accountant,
+        )
+
+    counts_only = plan(1.0).epsilon(0, rounds)
+    if counts_only >= target:
+        raise PrivacyError(
+            f"privacy.target_epsilon = {target} cannot be reached: the noisy counts "
+            f"alone spend {counts_only:.3g} over {rounds} rounds; raise "
+            "target_epsilon or privacy.count_noise, or plan fewer rounds"
+        )
+    low, high = 0.0, 1.0
+    while plan(high).epsilon(rounds, rounds) > target:
+        low, high = high, high * 2
+        if high > 1e4:
+            raise PrivacyError(
+                f"privacy.target_epsilon = {target} cannot be reached with sample_rate "
+                f"{training.sample_rate} over {rounds * training.local_steps} steps "
+                "(noise would exceed the accountant's limit); raise target_epsilon, "
+                "lower training.sample_rate, or plan fewer rounds/local_steps"
+            )
+    while high - low > 1e-3 * high:
+        mid = (low + high) / 2
+        if plan(mid).epsilon(rounds, rounds) > target:
+            low = mid
+        else:
+            high = mid
+    return high
+
+
+def stream_plan(
+    privacy: PrivacyConfig, training: TrainingConfig, *, rounds: int
+) -> StreamPlan:
+    """The per-record plan a host trains under (no budget cap without DP)."""
+    sigma = (
+        planned_noise_multiplier(privacy, training, rounds=rounds)
+        if privacy.enabled
+        else 1.0
+    )
+    budget = privacy.target_epsilon if privacy.enabled else None
+    return StreamPlan(
+        noise_multiplier=sigma,
         sample_rate=training.sample_rate,
-        steps=rounds * training.local_steps,
+        steps_per_round=training.local_steps,
+        count_noise=privacy.count_noise,
+        record_budget=budget or float("inf"),
+        delta=privacy.delta,
         accountant=privacy.accountant,
     )
 

@@ -160,6 +160,6 @@ def main(grid: Grid, context: Context) -> None:
     nodes = len(list(grid.get_node_ids()))
     if nodes > cfg.federation.hosts:
         cfg = cfg.with_overrides(federation={"hosts": nodes})
-    cfg, hosts_dir = prepare_hosts(cfg)
+    cfg, hosts_dir, _ = prepare_hosts(cfg)
     log.info("Run folder %s, %d hosts", cfg.out, cfg.federation.hosts)
     run_server(grid, cfg, hosts_dir=str(hosts_dir))

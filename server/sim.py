@@ -8,6 +8,7 @@ Flower's Simulation Engine (Ray).
 from __future__ import annotations
 
 import argparse
+import base64
 import hashlib
 import json
 import logging
@@ -18,9 +19,11 @@ from pathlib import Path
 from typing import Any
 
 from client.host import ensure_secret
+from client.ingest import Ingestor
+from client.store import Store, load_key
 from common.config import RunConfig
-from common.corpus import host_folders, host_records
-from common.errors import FedstreamError
+from common.corpus import host_folders, host_stream
+from common.errors import DataError, FedstreamError
 
 __all__ = ["build_config", "main", "prepare_hosts", "run"]
 
@@ -47,41 +50,76 @@ def build_config(args: argparse.Namespace) -> RunConfig:
     return cfg.with_overrides(**over) if over else cfg
 
 
-def prepare_hosts(cfg: RunConfig) -> tuple[RunConfig, Path]:
-    """Give every virtual host a data dir with its records; returns the hosts folder."""
-    hosts_dir = Path(cfg.out).resolve() / "hosts"
-    n_hosts = (
-        cfg.federation.hosts
-        if cfg.data.source == "builtin"
-        else len(host_folders(Path(cfg.data.source)))
-    )
-    for i in range(n_hosts):
-        # Virtual hosts share one machine with the server anyway; deriving their
-        # secrets from the run seed makes simulations reproducible. Deployed hosts
-        # create a random secret on first use (client.host.ensure_secret).
-        seed = hashlib.sha256(f"fedstream-sim:{cfg.seed}:host-{i}".encode()).digest()
-        ensure_secret(hosts_dir / f"host-{i}" / "host.secret", seed)
+def _host_inputs(cfg: RunConfig) -> list[list[bytes]]:
+    """Raw inputs per host: the built-in streams, or the files of each host folder."""
     if cfg.data.source == "builtin":
-        for i in range(cfg.federation.hosts):
-            records = hosts_dir / f"host-{i}" / "records"
-            stream = records / "stream.jsonl"
-            if not stream.exists():
-                records.mkdir(parents=True, exist_ok=True)
-                texts = host_records(i, cfg.data.records_per_host, seed=cfg.seed)
-                tmp = stream.with_suffix(".tmp")
-                tmp.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
-                os.replace(tmp, stream)
-        return cfg, hosts_dir
-    folders = host_folders(Path(cfg.data.source))
-    for i, folder in enumerate(folders):
-        host = hosts_dir / f"host-{i}"
-        host.mkdir(parents=True, exist_ok=True)
-        link = host / "records"
-        if not link.exists():
-            os.symlink(folder.resolve(), link)
-    if cfg.federation.hosts != len(folders):
-        cfg = cfg.with_overrides(federation={"hosts": len(folders)})
-    return cfg, hosts_dir
+        return [
+            [
+                json.dumps(r).encode()
+                for r in host_stream(i, cfg.data.records_per_host, seed=cfg.seed)
+            ]
+            for i in range(cfg.federation.hosts)
+        ]
+    hosts = []
+    for folder in host_folders(Path(cfg.data.source)):
+        raw: list[bytes] = []
+        for path in sorted(folder.iterdir()):
+            if path.suffix == ".jsonl":
+                raw += [ln for ln in path.read_bytes().splitlines() if ln.strip()]
+            elif path.suffix == ".txt":
+                raw += [
+                    json.dumps({"text": ln.decode("utf-8", "replace")}).encode()
+                    for ln in path.read_bytes().splitlines()
+                    if ln.strip()
+                ]
+        hosts.append(raw)
+    return hosts
+
+
+def prepare_hosts(cfg: RunConfig) -> tuple[RunConfig, Path, list[dict[str, int]]]:
+    """Give every virtual host a data dir whose store holds its stream.
+
+    Records go through the same quality gate as on a deployed host (malformed lines
+    are quarantined with their reason). Returns the config (hosts = folders), the
+    hosts folder and each host's ingestion counters.
+    """
+    hosts_dir = Path(cfg.out).resolve() / "hosts"
+    inputs = _host_inputs(cfg)
+    summaries = []
+    for i, raw in enumerate(inputs):
+        data_dir = hosts_dir / f"host-{i}"
+        # Virtual hosts share one machine with the server anyway; deriving their
+        # secret and store key from the run seed makes simulations reproducible.
+        # A deployed host creates random ones on first use.
+        derive = f"fedstream-sim:{cfg.seed}:host-{i}".encode()
+        ensure_secret(data_dir / "host.secret", hashlib.sha256(derive).digest())
+        key = base64.b64encode(hashlib.sha256(b"store:" + derive).digest()) + b"\n"
+        ensure_secret(data_dir / "store.key", key)
+        store = Store(data_dir / "store.db", load_key(data_dir / "store.key"))
+        try:
+            if not store.counters().get("received"):
+                ingestor = Ingestor(store)
+                for start in range(0, len(raw), 512):
+                    ingestor.submit([(r, "sim") for r in raw[start : start + 512]])
+            counters = store.counters()
+        finally:
+            store.close()
+        if not counters.get("stored"):
+            reasons = {
+                k.split(":", 1)[1]: v
+                for k, v in counters.items()
+                if k.startswith("quarantined:")
+            }
+            where = cfg.data.source if cfg.data.source != "builtin" else "built-in"
+            raise DataError(
+                f"host-{i} ({where}) has no usable records: "
+                f"{counters.get('received', 0)} received, quarantined by reason "
+                f"{reasons or '{}'}"
+            )
+        summaries.append(counters)
+    if cfg.federation.hosts != len(inputs):
+        cfg = cfg.with_overrides(federation={"hosts": len(inputs)})
+    return cfg, hosts_dir, summaries
 
 
 class _Console:
@@ -160,9 +198,14 @@ def run(
     from server.checkpoint import RunFolder
 
     # Fail fast, in this process, on what would otherwise fail inside every host.
-    cfg, hosts_dir = prepare_hosts(cfg)
+    cfg, hosts_dir, ingested = prepare_hosts(cfg)
     folder = RunFolder(cfg.out)
     folder.bind(cfg)
+    if cfg.model.name == "smollm2-135m" and not quiet:
+        from common.models import cache_dir
+
+        if not (cache_dir() / "models" / "smollm2-135m" / "config.json").exists():
+            print("Materialising SmolLM2-135M from its GGUF file (once, about 30 s)...")
     base = load_base_model(cfg.model)
     if folder.last_round():
         model = build_adapter_model(base, cfg.lora, seed=cfg.seed)
@@ -174,11 +217,6 @@ def run(
         sigma = planned_noise_multiplier(
             cfg.privacy, cfg.training, rounds=cfg.federation.rounds
         )
-    from common.corpus import read_folder
-
-    for i in range(cfg.federation.hosts):
-        read_folder(hosts_dir / f"host-{i}" / "records")
-
     ui = _Console(cfg, quiet)
     if not quiet:
         dp = (
@@ -194,6 +232,21 @@ def run(
             f"model {cfg.model.name}, LoRA r={cfg.lora.rank}"
             f"{' FFA' if cfg.lora.ffa else ''}, {dp}\nrun folder: {cfg.out}"
         )
+        for i, c in enumerate(ingested):
+            reasons = {
+                k.split(":", 1)[1]: v
+                for k, v in c.items()
+                if k.startswith("quarantined:")
+            }
+            ui.console.print(
+                f"host-{i}: {c.get('stored', 0)} records stored"
+                + (
+                    f", {c.get('duplicates', 0)} duplicates"
+                    if c.get("duplicates")
+                    else ""
+                )
+                + (f", quarantined {reasons}" if reasons else "")
+            )
 
     from flwr.serverapp import Grid, ServerApp
     from flwr.simulation import run_simulation

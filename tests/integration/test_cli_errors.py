@@ -32,14 +32,14 @@ def test_empty_data_folder(tmp_path):
         run_cli(
             "--data", str(data), "--model", "tiny-llama", "--out", str(tmp_path / "o2")
         ),
-        "has no records",
+        "has no usable records: 0 received",
     )
 
 
-def test_malformed_data_names_file_and_line(tmp_path):
+def test_host_with_only_malformed_records_names_the_reasons(tmp_path):
     host = tmp_path / "data" / "site-a"
     host.mkdir(parents=True)
-    (host / "a.jsonl").write_text('{"text": "fine"}\n{"text": \n')
+    (host / "a.jsonl").write_text('{"text": \nnot json\n{"text": "  "}\n')
     _one_line_error(
         run_cli(
             "--data",
@@ -49,8 +49,44 @@ def test_malformed_data_names_file_and_line(tmp_path):
             "--out",
             str(tmp_path / "o"),
         ),
-        "a.jsonl:2",
+        "has no usable records: 3 received",
+        "'invalid_json': 2",
+        "'empty': 1",
     )
+
+
+def test_malformed_lines_are_quarantined_and_the_rest_stored(tmp_path):
+    """Simulated hosts ingest through the same gate as deployed ones (no Ray here)."""
+    from client.store import Store, load_key
+    from common.config import RunConfig
+    from server.sim import prepare_hosts
+
+    for site, lines in {
+        "site-a": [
+            '{"text": "a fine note about the ward"}',
+            '{"text": ',
+            '{"text": "call +44 20 7946 0958"}',
+        ],
+        "site-b": ["plain text line one", "plain text line two"],
+    }.items():
+        (tmp_path / "data" / site).mkdir(parents=True)
+        suffix = ".jsonl" if site == "site-a" else ".txt"
+        (tmp_path / "data" / site / f"x{suffix}").write_text("\n".join(lines) + "\n")
+    cfg = RunConfig.build(
+        {"data": {"source": str(tmp_path / "data")}, "out": str(tmp_path / "run")}
+    )
+    cfg, hosts_dir, summaries = prepare_hosts(cfg)
+    assert cfg.federation.hosts == 2
+    assert summaries[0]["stored"] == 2 and summaries[0]["quarantined:invalid_json"] == 1
+    assert summaries[0]["pii:PHONE"] == 1 and summaries[1]["stored"] == 2
+    store = Store(
+        hosts_dir / "host-0" / "store.db", load_key(hosts_dir / "host-0" / "store.key")
+    )
+    texts = [r.content["text"] for r in store.iter_records()]
+    store.close()
+    assert texts == ["a fine note about the ward", "call [PHONE]"]
+    again = prepare_hosts(cfg)[2]  # a resumed run does not ingest twice
+    assert again == summaries
 
 
 def test_unreachable_epsilon(tmp_path):

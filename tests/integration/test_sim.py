@@ -76,12 +76,14 @@ def test_run_folder_is_usable(full_run, config_file):
 
     assert mean_loss(lines[2]) < mean_loss(lines[0])
 
-    # Reported epsilon equals Opacus's accountant for the same (q, sigma, steps).
+    # Reported epsilon equals Opacus's accountant for the same events: every record
+    # (96 a host, under the window caps) was eligible and counted in every round.
     sigma = planned_noise_multiplier(cfg.privacy, cfg.training, rounds=2)
     for ln in lines[1:]:
         acc = RDPAccountant()
         acc.history = [
-            (sigma, cfg.training.sample_rate, ln["round"] * cfg.training.local_steps)
+            (sigma, cfg.training.sample_rate, ln["round"] * cfg.training.local_steps),
+            (cfg.privacy.count_noise, 1.0, ln["round"]),
         ]
         expected = acc.get_epsilon(cfg.privacy.delta)
         assert all(

@@ -1,6 +1,9 @@
-"""The ClientApp train handler, called with real Flower messages on a tiny model."""
+"""The ClientApp train handler, called with real Flower messages on a tiny model,
+reading a real encrypted store."""
 
 import json
+import shutil
+import stat
 
 import numpy as np
 import pytest
@@ -9,10 +12,13 @@ from flwr.app import ConfigRecord, Context, Message, RecordDict
 import client.host
 from client.app import coarse_count, train
 from client.host import adapter_model
+from client.ingest import Ingestor
+from client.store import Store, load_key
+from client.window import host_epsilon
 from common.adapter import decode_delta, layout_id, to_record, trainable_state
 from common.config import RunConfig
 from common.corpus import host_records
-from common.privacy import Ledger
+from common.privacy import stream_plan
 
 
 @pytest.fixture(autouse=True)
@@ -21,6 +27,16 @@ def _task_identity():
 
     TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 1
     yield
+
+
+def _fill(data_dir, n=40):
+    store = Store(data_dir / "store.db", load_key(data_dir / "store.key"))
+    Ingestor(store).submit(
+        [(json.dumps({"text": t}).encode(), "t") for t in host_records(0, n, seed=0)]
+    )
+    count = store.count()
+    store.close()
+    return count
 
 
 @pytest.fixture
@@ -33,12 +49,9 @@ def setup(tmp_path):
             "federation": {"rounds": 2},
         }
     )
-    records = tmp_path / "host-a" / "records"
-    records.mkdir(parents=True)
-    (records / "s.jsonl").write_text(
-        "".join(json.dumps({"text": t}) + "\n" for t in host_records(0, 40, seed=0))
-    )
-    return cfg, tmp_path / "host-a"
+    data_dir = tmp_path / "host-a"
+    data_dir.mkdir()
+    return cfg, data_dir, _fill(data_dir)
 
 
 def _message(cfg, data_dir, rnd, arrays=None):
@@ -63,8 +76,17 @@ def _message(cfg, data_dir, rnd, arrays=None):
     return msg, ctx, arrays
 
 
-def test_round_reply_and_ledger(setup):
-    cfg, data_dir = setup
+def _spend(cfg, data_dir):
+    store = Store(data_dir / "store.db", load_key(data_dir / "store.key"))
+    try:
+        plan = stream_plan(cfg.privacy, cfg.training, rounds=cfg.federation.rounds)
+        return store.spend(), host_epsilon(store, plan), plan
+    finally:
+        store.close()
+
+
+def test_round_reply_and_committed_spend(setup):
+    cfg, data_dir, n = setup
     msg, ctx, arrays = _message(cfg, data_dir, 1)
     reply = train(msg, ctx)
     assert not reply.has_error(), reply.error
@@ -75,62 +97,57 @@ def test_round_reply_and_ledger(setup):
     info = reply.content.config_records["info"]
     assert info["host"] == "host-a" and info["layout"] == layout_id(shapes)
     metrics = reply.content.metric_records["metrics"]
-    assert metrics["num-examples"] == coarse_count(40) == 32
-    ledger = Ledger.load(data_dir / "ledger.json", accountant="rdp", delta=1e-5)
-    assert len(ledger.events) == 1
-    assert (
-        metrics["epsilon"] == pytest.approx(ledger.epsilon()) and ledger.epsilon() > 0
-    )
+    assert metrics["num-examples"] == coarse_count(n)
+    spend, eps, plan = _spend(cfg, data_dir)
+    assert spend == [(1, 1, n)]  # every record: eligible once, counted once
+    assert metrics["epsilon"] == pytest.approx(eps) == pytest.approx(plan.epsilon(1, 1))
 
 
 def test_host_over_budget_refuses_and_says_so_even_after_restart(setup):
-    cfg, data_dir = setup
-    for rnd in (1, 2):  # the planned rounds spend the budget exactly
+    cfg, data_dir, n = setup
+    for rnd in (1, 2):  # the planned rounds spend each record's budget
         msg, ctx, _ = _message(cfg, data_dir, rnd)
         assert not train(msg, ctx).has_error()
-    spent = Ledger.load(data_dir / "ledger.json", accountant="rdp", delta=1e-5)
-    assert spent.epsilon() == pytest.approx(3.0, abs=0.01) and spent.epsilon() <= 3.0
+    spend, eps, _ = _spend(cfg, data_dir)
+    assert spend == [(2, 2, n)] and 2.95 <= eps <= 3.0
     client.host._MODELS.clear()  # a restarted host process
-    client.host._DATA.clear()
     msg, ctx, _ = _message(cfg, data_dir, 3)
     reply = train(msg, ctx)
-    assert reply.has_error()
-    assert "privacy budget spent" in reply.error.reason
-    after = Ledger.load(data_dir / "ledger.json", accountant="rdp", delta=1e-5)
-    assert len(after.events) == 2  # the refused round spent nothing
+    assert reply.has_error() and "privacy budget spent" in reply.error.reason
+    assert _spend(cfg, data_dir)[:2] == (spend, eps)  # the refusal spent nothing
+    _fill(data_dir, 80)  # new records arrive: the host trains again, on them only
+    msg, ctx, _ = _message(cfg, data_dir, 4)
+    assert not train(msg, ctx).has_error()
+    assert _spend(cfg, data_dir)[1] <= 3.0
 
 
-def test_missing_data_comes_back_as_an_error_reply(tmp_path, setup):
-    cfg, _ = setup
+def test_missing_store_comes_back_as_an_error_reply(tmp_path, setup):
+    cfg, _, _ = setup
     msg, ctx, _ = _message(cfg, tmp_path / "nowhere", 1)
     reply = train(msg, ctx)
-    assert reply.has_error() and "does not exist" in reply.error.reason
+    assert reply.has_error() and "has no store" in reply.error.reason
 
 
 def test_noise_and_sampling_come_from_the_host_secret_not_the_config(tmp_path, setup):
     """The server knows the whole run config (seed included); it must not be able to
     regenerate a host's noise. Same config + same records + other secret = other
     update; same secret = same update (a re-run round repeats its noise)."""
-    import shutil
-    import stat
-
-    cfg, data_dir = setup
-    twin = tmp_path / "host-b"
-    shutil.copytree(data_dir / "records", twin / "records")
-    deltas = []
-    _, _, start = _message(cfg, data_dir, 1)  # one global adapter for all three
-    for d in (data_dir, twin, data_dir):
-        if d == data_dir and (d / "ledger.json").exists():
-            (d / "ledger.json").unlink()  # same starting budget for the repeat
+    cfg, a, _ = setup
+    b, c = tmp_path / "host-b", tmp_path / "host-c"
+    for d in (b, c):
+        d.mkdir()
+        shutil.copy(a / "store.key", d / "store.key")
+        _fill(d)
+    client.host.ensure_secret(a / "host.secret")
+    shutil.copy(a / "host.secret", c / "host.secret")  # c shares a's secret, b does not
+    _, _, start = _message(cfg, a, 1)  # one global adapter for all three
+    deltas = {}
+    for d in (a, b, c):
         msg, ctx, _ = _message(cfg, d, 1, arrays=start)
         reply = train(msg, ctx)
         assert not reply.has_error(), reply.error
-        deltas.append(reply.content.array_records["arrays"]["delta"].numpy())
-    assert not np.array_equal(deltas[0], deltas[1])
-    assert np.array_equal(deltas[0], deltas[2])
-    for d in (data_dir, twin):
-        assert stat.S_IMODE((d / "host.secret").stat().st_mode) == 0o600
-        assert len((d / "host.secret").read_bytes()) == 32
-    assert (data_dir / "host.secret").read_bytes() != (
-        twin / "host.secret"
-    ).read_bytes()
+        deltas[d.name] = reply.content.array_records["arrays"]["delta"].numpy()
+    assert np.array_equal(deltas["host-a"], deltas["host-c"])
+    assert not np.array_equal(deltas["host-a"], deltas["host-b"])
+    assert stat.S_IMODE((b / "host.secret").stat().st_mode) == 0o600
+    assert len((b / "host.secret").read_bytes()) == 32

@@ -14,7 +14,7 @@ from common.corpus import host_records
 from common.errors import PrivacyError, TrainingError
 from common.lm import encode, per_sample_loss
 from common.models import build_adapter_model, load_base_model
-from common.privacy import DPEvent, Ledger, noise_multiplier_for
+from common.privacy import DPEvent, epsilon_of, noise_multiplier_for
 
 
 def _setup(ffa=False, rank=8, **training):
@@ -96,34 +96,21 @@ def test_noise_std_matches_sigma_c_over_b():
     assert abs(diff.mean()) < 4 * expected / math.sqrt(diff.size)
 
 
-def test_ledger_epsilon_equals_opacus_and_grows_with_rounds():
+def test_epsilon_equals_opacus_and_grows_with_rounds():
     sigma, q, steps, delta = 0.9, 0.05, 4, 1e-5
-    ledger = Ledger(accountant="rdp", delta=delta)
     previous = 0.0
     for r in range(1, 6):
-        ledger.record(
-            DPEvent(noise_multiplier=sigma, sample_rate=q, steps=steps, round=r)
-        )
+        events = [
+            DPEvent(noise_multiplier=sigma, sample_rate=q, steps=steps, round=i)
+            for i in range(1, r + 1)
+        ]
         acc = RDPAccountant()
         for _ in range(r * steps):
             acc.step(noise_multiplier=sigma, sample_rate=q)
-        assert ledger.epsilon() == pytest.approx(acc.get_epsilon(delta), rel=1e-9)
-        assert ledger.epsilon() > previous
-        previous = ledger.epsilon()
-
-
-def test_ledger_survives_restart_and_refuses_other_settings(tmp_path):
-    path = tmp_path / "ledger.json"
-    ledger = Ledger(accountant="rdp", delta=1e-5)
-    ledger.record(DPEvent(noise_multiplier=1.0, sample_rate=0.1, steps=3, round=1))
-    ledger.save(path)
-    again = Ledger.load(path, accountant="rdp", delta=1e-5)
-    assert again.epsilon() == ledger.epsilon() > 0
-    with pytest.raises(PrivacyError, match="delta"):
-        Ledger.load(path, accountant="rdp", delta=1e-6)
-    path.write_text("{broken")
-    with pytest.raises(PrivacyError, match="unreadable"):
-        Ledger.load(path, accountant="rdp", delta=1e-5)
+        eps = epsilon_of(events, delta=delta, accountant="rdp")
+        assert eps == pytest.approx(acc.get_epsilon(delta), rel=1e-9)
+        assert eps > previous
+        previous = eps
 
 
 @pytest.mark.parametrize("accountant", ["rdp", "prv"])
@@ -136,18 +123,35 @@ def test_target_epsilon_to_sigma_and_back(accountant):
         steps=steps,
         accountant=accountant,
     )
-    ledger = Ledger(
-        accountant=accountant,
+    eps = epsilon_of(
+        [DPEvent(noise_multiplier=sigma, sample_rate=q, steps=steps)],
         delta=delta,
-        events=[DPEvent(noise_multiplier=sigma, sample_rate=q, steps=steps)],
-    )
-    assert target - 0.05 <= ledger.epsilon() <= target
-    less_noise = Ledger(
         accountant=accountant,
-        delta=delta,
-        events=[DPEvent(noise_multiplier=sigma * 0.9, sample_rate=q, steps=steps)],
     )
-    assert less_noise.epsilon() > target
+    assert target - 0.05 <= eps <= target
+    less = epsilon_of(
+        [DPEvent(noise_multiplier=sigma * 0.9, sample_rate=q, steps=steps)],
+        delta=delta,
+        accountant=accountant,
+    )
+    assert less > target
+
+
+def test_planned_sigma_spends_the_target_over_the_planned_rounds():
+    from common.config import PrivacyConfig, TrainingConfig
+    from common.privacy import planned_noise_multiplier, stream_plan
+
+    privacy, training = PrivacyConfig(target_epsilon=5.0), TrainingConfig()
+    plan = stream_plan(privacy, training, rounds=6)
+    assert plan.noise_multiplier == planned_noise_multiplier(
+        privacy, training, rounds=6
+    )
+    assert 4.95 <= plan.epsilon(6, 6) <= 5.0  # eligible and counted every round
+    assert plan.epsilon(7, 7) > 5.0  # a seventh round would not fit
+    with pytest.raises(PrivacyError, match="noisy counts alone"):
+        planned_noise_multiplier(
+            PrivacyConfig(target_epsilon=0.05, count_noise=1.0), training, rounds=50
+        )
 
 
 def test_unreachable_epsilon_is_a_clear_error():

@@ -1,0 +1,38 @@
+"""RSS stays flat with stream length once window, replay and dedup horizon fill."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import ROOT
+
+pytestmark = pytest.mark.slow
+
+
+def test_rss_is_flat_from_1x_to_10x_the_stream():
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "bench" / "memory.py"),
+            "--records",
+            "2000",
+            "--factor",
+            "10",
+            "--horizon",
+            "1500",
+            "--round-every",
+            "1000",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads(proc.stdout)
+    assert result["stored"] > 19_000  # the stream really grew tenfold
+    assert result["growth"] <= 0.10, result
