@@ -6,14 +6,12 @@ name the field. Sources are picked by name from the registry in ``client.sources
 
 from __future__ import annotations
 
-import tomllib
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import Field
 
-from common.config import format_validation_error
-from common.errors import ConfigError
+from common.config import FrozenModel, read_toml, validated
 
 __all__ = [
     "AgentConfig",
@@ -25,11 +23,7 @@ __all__ = [
 ]
 
 
-class _Frozen(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid", validate_default=True)
-
-
-class StoreSettings(_Frozen):
+class StoreSettings(FrozenModel):
     key_file: str | None = Field(
         None,
         description="Key file (created 0600 on first start); default "
@@ -44,7 +38,7 @@ class StoreSettings(_Frozen):
     )
 
 
-class GateConfig(_Frozen):
+class GateConfig(FrozenModel):
     max_raw_bytes: int = Field(262_144, ge=64, description="Largest raw input.")
     max_text_bytes: int = Field(32_768, ge=16, description="Largest text.")
     max_depth: int = Field(4, ge=1, le=64, description="JSON nesting limit.")
@@ -58,7 +52,7 @@ class GateConfig(_Frozen):
     )
 
 
-class GrpcSource(_Frozen):
+class GrpcSource(FrozenModel):
     type: Literal["grpc"] = "grpc"
     listen: str = Field(
         "127.0.0.1:7700", description="host:port of the ingest service."
@@ -66,14 +60,14 @@ class GrpcSource(_Frozen):
     max_records_per_call: int = Field(10_000, ge=1, description="Per request.")
 
 
-class JsonlSource(_Frozen):
+class JsonlSource(FrozenModel):
     type: Literal["jsonl"] = "jsonl"
     path: str = Field(description="A .jsonl file, or a folder of them (tailed).")
     poll_s: float = Field(0.5, gt=0, description="Seconds between looks for new data.")
     batch: int = Field(512, ge=1, description="Records per transaction.")
 
 
-class KafkaSource(_Frozen):
+class KafkaSource(FrozenModel):
     type: Literal["kafka"] = "kafka"
     bootstrap: str = Field(description="Broker host:port list.")
     topic: str = Field(description="Topic to consume.")
@@ -88,7 +82,7 @@ def _default_source() -> GrpcSource | JsonlSource | KafkaSource:
     return GrpcSource()
 
 
-class AgentConfig(_Frozen):
+class AgentConfig(FrozenModel):
     data_dir: str = Field(description="The host's data dir (store, ledger, keys).")
     store: StoreSettings = StoreSettings()
     gate: GateConfig = GateConfig()
@@ -96,17 +90,7 @@ class AgentConfig(_Frozen):
 
     @classmethod
     def from_toml(cls, path: str | Path) -> AgentConfig:
-        path = Path(path)
-        try:
-            data = tomllib.loads(path.read_text())
-        except FileNotFoundError:
-            raise ConfigError(f"config file {path} does not exist") from None
-        except tomllib.TOMLDecodeError as err:
-            raise ConfigError(f"config file {path} is not valid TOML: {err}") from None
-        try:
-            return cls.model_validate(data)
-        except ValidationError as err:
-            raise ConfigError(format_validation_error(err)) from None
+        return validated(cls, read_toml(path))
 
     @property
     def key_path(self) -> Path:

@@ -11,7 +11,7 @@ import hashlib
 import json
 import tomllib
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import tomli_w
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -21,6 +21,7 @@ from common.errors import ConfigError
 __all__ = [
     "DataConfig",
     "FederationConfig",
+    "FrozenModel",
     "LoraSettings",
     "ModelConfig",
     "PrivacyConfig",
@@ -28,14 +29,18 @@ __all__ = [
     "TrainingConfig",
     "WindowConfig",
     "format_validation_error",
+    "read_toml",
+    "validated",
 ]
 
 
-class _Frozen(BaseModel):
+class FrozenModel(BaseModel):
+    """Frozen, unknown keys forbidden, defaults validated: every config section."""
+
     model_config = ConfigDict(frozen=True, extra="forbid", validate_default=True)
 
 
-class ModelConfig(_Frozen):
+class ModelConfig(FrozenModel):
     name: str = Field(
         "smollm2-135m",
         description="Preset name (smollm2-135m, tiny-llama, tiny-gpt2, tiny-gptneox, "
@@ -44,7 +49,7 @@ class ModelConfig(_Frozen):
     max_length: int = Field(40, ge=8, le=4096, description="Tokens per record.")
 
 
-class LoraSettings(_Frozen):
+class LoraSettings(FrozenModel):
     rank: int = Field(4, ge=1, le=256, description="LoRA rank r.")
     alpha: int = Field(8, ge=1, description="LoRA scaling numerator (alpha/r).")
     dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Dropout on LoRA input.")
@@ -57,7 +62,7 @@ class LoraSettings(_Frozen):
     )
 
 
-class PrivacyConfig(_Frozen):
+class PrivacyConfig(FrozenModel):
     enabled: bool = Field(True, description="DP-SGD on hosts; false trains without DP.")
     target_epsilon: float | None = Field(
         8.0, gt=0, description="Per-host epsilon after all planned rounds."
@@ -92,7 +97,7 @@ class PrivacyConfig(_Frozen):
         return self
 
 
-class TrainingConfig(_Frozen):
+class TrainingConfig(FrozenModel):
     local_steps: int = Field(4, ge=1, description="DP-SGD steps per host per round.")
     batch_size: int = Field(
         16, ge=1, description="Fixed normaliser B of each step's gradient sum."
@@ -117,7 +122,7 @@ class TrainingConfig(_Frozen):
     )
 
 
-class WindowConfig(_Frozen):
+class WindowConfig(FrozenModel):
     fresh_cap: int = Field(
         512, ge=1, description="Expected records a round from the fresh window."
     )
@@ -126,7 +131,7 @@ class WindowConfig(_Frozen):
     )
 
 
-class FederationConfig(_Frozen):
+class FederationConfig(FrozenModel):
     hosts: int = Field(4, ge=1, description="Virtual hosts in simulation.")
     rounds: int = Field(3, ge=1, description="Federated rounds.")
     fraction_train: float = Field(1.0, gt=0, le=1, description="Hosts sampled a round.")
@@ -137,7 +142,7 @@ class FederationConfig(_Frozen):
     round_timeout: float = Field(3600.0, gt=0, description="Seconds to wait a round.")
 
 
-class DataConfig(_Frozen):
+class DataConfig(FrozenModel):
     source: str = Field(
         "builtin",
         description="'builtin' streams, or a folder with one sub-folder per host of "
@@ -148,7 +153,7 @@ class DataConfig(_Frozen):
     eval_batch_size: int = Field(32, ge=1, description="Batch size for evaluation.")
 
 
-class RunConfig(_Frozen):
+class RunConfig(FrozenModel):
     seed: int = Field(0, description="Seed for everything.")
     out: str = Field("runs/latest", description="Run folder.")
     model: ModelConfig = ModelConfig()
@@ -162,21 +167,11 @@ class RunConfig(_Frozen):
     # -- construction ---------------------------------------------------------------
     @classmethod
     def build(cls, data: dict[str, Any]) -> RunConfig:
-        try:
-            return cls.model_validate(data)
-        except ValidationError as err:
-            raise ConfigError(format_validation_error(err)) from None
+        return validated(cls, data)
 
     @classmethod
     def from_toml(cls, path: str | Path) -> RunConfig:
-        path = Path(path)
-        try:
-            data = tomllib.loads(path.read_text())
-        except FileNotFoundError:
-            raise ConfigError(f"config file {path} does not exist") from None
-        except tomllib.TOMLDecodeError as err:
-            raise ConfigError(f"config file {path} is not valid TOML: {err}") from None
-        return cls.build(data)
+        return cls.build(read_toml(path))
 
     @classmethod
     def from_flat(cls, flat: dict[str, Any]) -> RunConfig:
@@ -213,6 +208,28 @@ class RunConfig(_Frozen):
         data.pop("out", None)
         blob = json.dumps(data, sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def read_toml(path: str | Path) -> dict[str, Any]:
+    """A TOML file as a dict; a missing or malformed file is a ``ConfigError``."""
+    path = Path(path)
+    try:
+        return tomllib.loads(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path} does not exist") from None
+    except tomllib.TOMLDecodeError as err:
+        raise ConfigError(f"config file {path} is not valid TOML: {err}") from None
+
+
+M = TypeVar("M", bound=BaseModel)
+
+
+def validated(cls: type[M], data: dict[str, Any]) -> M:
+    """``cls`` from ``data``; problems become one ``ConfigError`` naming the fields."""
+    try:
+        return cls.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(format_validation_error(err)) from None
 
 
 def flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
