@@ -151,3 +151,20 @@ def test_noise_and_sampling_come_from_the_host_secret_not_the_config(tmp_path, s
     assert not np.array_equal(deltas["host-a"], deltas["host-b"])
     assert stat.S_IMODE((b / "host.secret").stat().st_mode) == 0o600
     assert len((b / "host.secret").read_bytes()) == 32
+
+
+def test_agent_status_reports_the_spend_of_a_trained_host(setup):
+    from client.agent import status
+    from common.agent_config import AgentConfig
+
+    cfg, data_dir, n = setup
+    msg, ctx, _ = _message(cfg, data_dir, 1)
+    assert not train(msg, ctx).has_error()
+    info = status(AgentConfig(data_dir=str(data_dir)))
+    _, eps, _ = _spend(cfg, data_dir)
+    assert info["stored"] == n and info["last_round"] == 1
+    assert info["window"] == n and info["replay"] == 0  # round 1: every record fresh
+    assert info["epsilon_spent"] == pytest.approx(eps) and eps > 0
+    assert info["epsilon_budget"] == 3.0
+    assert info["epsilon_left"] == pytest.approx(3.0 - eps)
+    assert info["can_train"] is True
