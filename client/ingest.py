@@ -73,15 +73,15 @@ class NearDuplicates:
         return np.asarray(mh.digest(), dtype=np.uint32)
 
     def _bands(self, sketch: np.ndarray) -> list[tuple[int, bytes]]:
-        return [
-            (b, sketch[b * self.rows : (b + 1) * self.rows].tobytes())
-            for b in range(self.num_perm // self.rows)
-        ]
+        raw, width = sketch.tobytes(), self.rows * sketch.itemsize
+        return [(b, raw[b * width : (b + 1) * width]) for b in range(len(raw) // width)]
 
     def query(self, sketch: np.ndarray) -> bool:
         candidates: set[int] = set()
         for band in self._bands(sketch):
-            candidates |= self.buckets.get(band, set())
+            found = self.buckets.get(band)
+            if found:
+                candidates |= found
         if not candidates:
             return False
         pool = np.stack([self.sketches[c] for c in candidates])  # (k, num_perm)
@@ -93,6 +93,15 @@ class NearDuplicates:
             self.buckets[band].add(key)
         while len(self.sketches) > self.horizon:
             self.remove(next(iter(self.sketches)))
+
+    def rekey(self, old: int, new: int) -> None:
+        """Move a sketch to another key (a batch record gets its seq after commit)."""
+        sketch = self.sketches.pop(old)
+        self.sketches[new] = sketch
+        for band in self._bands(sketch):
+            bucket = self.buckets[band]
+            bucket.discard(old)
+            bucket.add(new)
 
     def remove(self, key: int) -> None:
         old = self.sketches.pop(key, None)
@@ -220,12 +229,14 @@ class Ingestor:
 
         try:
             seqs = self.store.commit(batch)
-        finally:
+        except BaseException:
             for pos, _ in pending:
                 self.near.remove(-1 - pos)
-        for (pos, sketch), seq in zip(pending, seqs, strict=True):
+            raise
+        for (pos, _), seq in zip(pending, seqs, strict=True):
             acks[pos] = Ack(STORED, "", seq)
-            self.near.add(seq, sketch)
+            if -1 - pos in self.near.sketches:  # may have left a small horizon already
+                self.near.rekey(-1 - pos, seq)
         return [a for a in acks if a is not None]
 
     @staticmethod
