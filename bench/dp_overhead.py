@@ -36,13 +36,9 @@ def _rss_kb(field: str) -> int:
     return 0
 
 
-def worker(
-    mode: str, model_name: str, batch: int, seq: int, steps: int, threads: int
-) -> dict:
+def _setup(mode: str, model_name: str, batch: int, seq: int) -> tuple:
     import torch
 
-    torch.set_num_threads(threads)
-    from client.trainer import LocalTrainer
     from common.config import RunConfig
     from common.corpus import host_records
     from common.lm import encode
@@ -62,25 +58,59 @@ def worker(
     base = load_base_model(cfg.model)
     model = build_adapter_model(base, cfg.lora, seed=0)
     data = encode(host_records(0, batch, seed=0), base.tokenizer, seq)
-    fixed = data.take(torch.arange(batch))
-    rss_before = _rss_kb("VmRSS")
-    Path("/proc/self/clear_refs").write_text("5")  # reset the peak-RSS high-water mark
-    times = []
-    with LocalTrainer(
+    return cfg, model, data.take(torch.arange(batch))
+
+
+def _trainer(cfg, model, mode: str):  # type: ignore[no-untyped-def]
+    from client.trainer import LocalTrainer
+
+    return LocalTrainer(
         model,
         training=cfg.training,
         privacy=cfg.privacy,
         noise_multiplier=1.0 if mode != "lora" else None,
         seed=0,
-    ) as tr:
-        for i in range(steps + 2):
-            t0 = time.perf_counter()
+    )
+
+
+def time_worker(
+    model_name: str, batch: int, seq: int, steps: int, threads: int
+) -> dict:
+    """Median step time per mode: one model per mode, all trainers open (as in a
+    round), steps interleaved A B C A B C ... so machine drift hits every mode alike."""
+    import contextlib
+
+    import torch
+
+    torch.set_num_threads(threads)
+    setups = {m: _setup(m, model_name, batch, seq) for m in MODES}
+    times: dict[str, list[float]] = {m: [] for m in MODES}
+    with contextlib.ExitStack() as stack:
+        trainers = {
+            m: stack.enter_context(_trainer(s[0], s[1], m)) for m, s in setups.items()
+        }
+        for rep in range(steps + 2):
+            for mode in MODES:
+                t0 = time.perf_counter()
+                trainers[mode].step(setups[mode][2])
+                if rep >= 2:  # two warm-up steps per mode
+                    times[mode].append(time.perf_counter() - t0)
+    return {m: {"median_step_s": statistics.median(t)} for m, t in times.items()}
+
+
+def mem_worker(mode: str, model_name: str, batch: int, seq: int, threads: int) -> dict:
+    """Peak RSS while training 3 steps, this mode alone in this process."""
+    import torch
+
+    torch.set_num_threads(threads)
+    cfg, model, fixed = _setup(mode, model_name, batch, seq)
+    rss_before = _rss_kb("VmRSS")
+    Path("/proc/self/clear_refs").write_text("5")  # reset the peak-RSS high-water mark
+    with _trainer(cfg, model, mode) as tr:
+        for _ in range(3):
             tr.step(fixed)
-            if i >= 2:  # two warm-up steps
-                times.append(time.perf_counter() - t0)
     peak = _rss_kb("VmHWM")
     return {
-        "median_step_s": statistics.median(times),
         "peak_rss_mb": peak / 1024,
         "rss_before_mb": rss_before / 1024,
         "train_mem_mb": (peak - rss_before) / 1024,
@@ -97,19 +127,13 @@ def main() -> None:
     p.add_argument("--worker", help=argparse.SUPPRESS)
     p.add_argument("--model", help=argparse.SUPPRESS)
     args = p.parse_args()
+    if args.worker == "time":
+        result = time_worker(args.model, args.batch, args.seq, args.steps, args.threads)
+        print(json.dumps(result))
+        return
     if args.worker:
-        print(
-            json.dumps(
-                worker(
-                    args.worker,
-                    args.model,
-                    args.batch,
-                    args.seq,
-                    args.steps,
-                    args.threads,
-                )
-            )
-        )
+        result = mem_worker(args.worker, args.model, args.batch, args.seq, args.threads)
+        print(json.dumps(result))
         return
     out: dict = {
         "batch": args.batch,
@@ -124,32 +148,31 @@ def main() -> None:
         "HF_HUB_OFFLINE": "1",
         "PYTHONWARNINGS": "ignore",
     }
+
+    def run(worker: str, model: str) -> dict:
+        cmd = [
+            sys.executable,
+            __file__,
+            "--worker",
+            worker,
+            "--model",
+            model,
+            "--batch",
+            str(args.batch),
+            "--seq",
+            str(args.seq),
+            "--steps",
+            str(args.steps),
+            "--threads",
+            str(args.threads),
+        ]
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, check=True)
+        return json.loads(proc.stdout.strip().splitlines()[-1])
+
     for model in args.models:
-        res = {}
+        res = run("time", model)
         for mode in MODES:
-            proc = subprocess.run(
-                [
-                    sys.executable,
-                    __file__,
-                    "--worker",
-                    mode,
-                    "--model",
-                    model,
-                    "--batch",
-                    str(args.batch),
-                    "--seq",
-                    str(args.seq),
-                    "--steps",
-                    str(args.steps),
-                    "--threads",
-                    str(args.threads),
-                ],
-                capture_output=True,
-                text=True,
-                env=env,
-                check=True,
-            )
-            res[mode] = json.loads(proc.stdout.strip().splitlines()[-1])
+            res[mode].update(run(mode, model))
         plain = res["lora"]
         for mode in MODES[1:]:
             res[mode]["step_time_ratio"] = (
