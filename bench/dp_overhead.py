@@ -7,7 +7,9 @@ again in its own process, and the RSS high-water mark while training is reported
 (reset after the model is loaded). Modes:
 
 * ``lora``: ``privacy.enabled = false`` (same loss, same normaliser, no clipping/noise)
-* ``dp-hooks``: Opacus per-sample gradients from module hooks (our default)
+* ``dp-lora``: fedstream's lean per-sample gradients for LoRA's Linear layers, fed
+  to Opacus's DPOptimizer (the default)
+* ``dp-hooks``: Opacus per-sample gradients from module hooks
 * ``dp-functorch``: Opacus per-sample gradients via torch.func for every layer
 
 Usage: ``python bench/dp_overhead.py [--models tiny-llama smollm2-135m] [--steps 8]``.
@@ -26,7 +28,8 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-MODES = ["lora", "dp-hooks", "dp-functorch"]
+MODES = ["lora", "dp-lora", "dp-hooks", "dp-functorch"]
+GRAD_SAMPLE = {"dp-lora": "lora", "dp-hooks": "hooks", "dp-functorch": "functorch"}
 
 
 def _rss_kb(field: str) -> int:
@@ -51,7 +54,7 @@ def _setup(mode: str, model_name: str, batch: int, seq: int) -> tuple:
             "privacy": {
                 "enabled": mode != "lora",
                 "noise_multiplier": 1.0,
-                "grad_sample_mode": "functorch" if mode == "dp-functorch" else "hooks",
+                "grad_sample_mode": GRAD_SAMPLE.get(mode, "lora"),
             },
         }
     )

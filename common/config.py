@@ -73,8 +73,10 @@ class PrivacyConfig(FrozenModel):
     delta: float = Field(1e-5, gt=0, lt=1, description="DP delta.")
     max_grad_norm: float = Field(1.0, gt=0, description="Per-record clipping bound C.")
     accountant: Literal["rdp", "prv"] = Field("rdp", description="Opacus accountant.")
-    grad_sample_mode: Literal["hooks", "functorch"] = Field(
-        "hooks", description="Opacus per-sample gradient mode."
+    grad_sample_mode: Literal["lora", "hooks", "functorch"] = Field(
+        "lora",
+        description="Per-sample gradients: 'lora' (lean path for LoRA's Linear "
+        "layers) or Opacus's 'hooks' / 'functorch'.",
     )
     count_noise: float = Field(
         10.0,

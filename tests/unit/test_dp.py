@@ -41,10 +41,13 @@ def _flat(state):
     return np.concatenate([v.ravel() for v in state.values()])
 
 
-def test_clipped_per_sample_gradients_are_bounded_by_c():
+@pytest.mark.parametrize("mode", ["lora", "hooks", "functorch"])
+def test_clipped_per_sample_gradients_are_bounded_by_c(mode):
     cfg, model, data = _setup()
     clip = 1e-3
-    privacy = cfg.privacy.model_copy(update={"max_grad_norm": clip})
+    privacy = cfg.privacy.model_copy(
+        update={"max_grad_norm": clip, "grad_sample_mode": mode}
+    )
     # Unclipped gradient norms of single records are far above C ...
     losses = per_sample_loss(model, data.take(torch.arange(1)))
     model.zero_grad()
@@ -67,8 +70,10 @@ def test_clipped_per_sample_gradients_are_bounded_by_c():
         assert moved * B >= 0.5 * clip  # it did move: clipped, not dropped
 
 
-def test_noise_std_matches_sigma_c_over_b():
+@pytest.mark.parametrize("mode", ["lora", "hooks"])
+def test_noise_std_matches_sigma_c_over_b(mode):
     cfg, model, data = _setup(rank=16)
+    cfg = cfg.with_overrides(privacy={"grad_sample_mode": mode})
     sigma, clip, B = 1.3, 50.0, cfg.training.batch_size
     start = trainable_state(model)
     results = {}
@@ -217,3 +222,60 @@ def test_dp_training_improves_loss_and_is_deterministic():
     assert runs[0].event == DPEvent(
         noise_multiplier=0.5, sample_rate=0.25, steps=8, round=1
     )
+
+
+@pytest.mark.parametrize(
+    "name", ["tiny-llama", "tiny-gpt2", "tiny-gptneox", "tiny-qwen2"]
+)
+@pytest.mark.parametrize("ffa", [True, False])
+def test_lean_per_sample_gradients_equal_opacus(name, ffa):
+    """The 'lora' mode computes exactly what Opacus's GradSampleModule computes."""
+    from opacus import GradSampleModule
+
+    from client.trainer import LinearGradSampler
+
+    cfg = RunConfig.build(
+        {"model": {"name": name, "max_length": 32}, "lora": {"ffa": ffa}}
+    )
+    grads = []
+    for lean in (True, False):
+        base = load_base_model(cfg.model)
+        model = build_adapter_model(base, cfg.lora, seed=0)
+        with torch.no_grad():  # non-zero B, so gradients reach A too
+            for n, p in model.named_parameters():
+                if "lora_B" in n:
+                    p.normal_(0, 0.1, generator=torch.Generator().manual_seed(1))
+        data = encode(host_records(1, 6, seed=0), base.tokenizer, 32)
+        model.train()
+        torch.manual_seed(5)  # GPT-2 has dropout: same masks in both runs
+        if lean:
+            sampler = LinearGradSampler(model)
+            per_sample_loss(model, data).mean().backward()
+            sampler.collect(len(data))
+        else:
+            gsm = GradSampleModule(model, batch_first=True, loss_reduction="mean")
+            per_sample_loss(gsm, data).mean().backward()
+        grads.append(
+            {
+                n: p.grad_sample.detach().clone()
+                for n, p in model.named_parameters()
+                if p.requires_grad
+            }
+        )
+        if lean:
+            sampler.close()
+        else:
+            gsm._close()
+    assert grads[0].keys() == grads[1].keys() and grads[0]
+    for key in grads[0]:
+        assert torch.allclose(grads[0][key], grads[1][key], rtol=1e-4, atol=1e-7), key
+
+
+def test_lean_mode_refuses_non_linear_trainable_tensors():
+    from client.trainer import LinearGradSampler
+
+    model = torch.nn.Sequential(
+        torch.nn.Linear(3, 3, bias=False), torch.nn.LayerNorm(3)
+    )
+    with pytest.raises(TrainingError, match="hooks"):
+        LinearGradSampler(model)
