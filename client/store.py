@@ -181,12 +181,12 @@ class Store:
 
     # -- keys -----------------------------------------------------------------------
     def _check_key(self) -> None:
+        nonce = os.urandom(12)
+        sealed = nonce + self._aead.encrypt(nonce, _CHECK, b"meta")
+        # Two processes may create the store at once (agent and ClientApp): the first
+        # key check written wins, and every process verifies its key against it.
+        self.db.execute("INSERT OR IGNORE INTO meta VALUES('key_check', ?)", (sealed,))
         row = self.db.execute("SELECT value FROM meta WHERE key='key_check'").fetchone()
-        if row is None:
-            nonce = os.urandom(12)
-            sealed = nonce + self._aead.encrypt(nonce, _CHECK, b"meta")
-            self.db.execute("INSERT INTO meta VALUES('key_check', ?)", (sealed,))
-            return
         try:
             self._aead.decrypt(row[0][:12], row[0][12:], b"meta")
         except InvalidTag:

@@ -137,3 +137,26 @@ def test_near_duplicates_are_quarantined_and_horizon_survives_restart(tmp_path):
     assert [a.reason for a in acks] == ["near_duplicate", ""]
     reasons = [q[0] for q in store.quarantined()]
     assert reasons == ["near_duplicate"]
+
+
+def _open_and_report(args):
+    path, key = args
+    from pathlib import Path
+
+    from client.store import Store
+
+    Store(Path(path), key).close()
+    return "ok"
+
+
+def test_many_processes_creating_one_store_at_once(tmp_path):
+    """The agent and a ClientApp may open a new store at the same moment."""
+    from concurrent.futures import ProcessPoolExecutor
+
+    key = load_key(tmp_path / "store.key")
+    with ProcessPoolExecutor(max_workers=6) as pool:
+        results = list(pool.map(_open_and_report, [(str(tmp_path / "s.db"), key)] * 12))
+    assert results == ["ok"] * 12
+    Store(tmp_path / "s.db", key).close()
+    with pytest.raises(KeyError_):
+        Store(tmp_path / "s.db", os.urandom(32))
