@@ -115,7 +115,6 @@ def _train(msg: Message, context: Context) -> Message:
         privacy=cfg.privacy,
         noise_multiplier=plan.noise_multiplier if cfg.privacy.enabled else None,
         seed=host.round_seed(server_round),
-        round_num=server_round,
     )
     delta = encode_delta(result.arrays, global_arrays, cfg.training.update_dtype)
     metrics = MetricRecord(

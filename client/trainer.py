@@ -41,7 +41,6 @@ from common.adapter import trainable_state
 from common.config import PrivacyConfig, TrainingConfig
 from common.errors import TrainingError
 from common.lm import Encoded, per_sample_loss
-from common.privacy import DPEvent
 
 __all__ = ["LocalResult", "LocalTrainer", "check_update", "train_local"]
 
@@ -58,7 +57,6 @@ class LocalResult:
     loss_after: float  # same batch, after the last step
     mean_loss: float  # mean per-record loss over all trained batches
     steps: int
-    event: DPEvent | None  # what the ledger must record; None without DP
 
 
 class LinearGradSampler:
@@ -258,7 +256,6 @@ def train_local(
     privacy: PrivacyConfig,
     noise_multiplier: float | None,
     seed: int,
-    round_num: int = 0,
 ) -> LocalResult:
     """Train ``local_steps`` steps on ``data``; ``TrainingError`` on a bad update."""
     if len(data) == 0:
@@ -289,21 +286,12 @@ def train_local(
             loss_after = float(per_sample_loss(model, probe).mean())
     after = trainable_state(model)
     check_update(before, after, loss_before, loss_after, training.max_loss_ratio)
-    event = None
-    if privacy.enabled and noise_multiplier is not None:
-        event = DPEvent(
-            noise_multiplier=noise_multiplier,
-            sample_rate=training.sample_rate,
-            steps=training.local_steps,
-            round=round_num,
-        )
     return LocalResult(
         arrays=after,
         loss_before=loss_before,
         loss_after=loss_after,
         mean_loss=total / count if count else math.nan,
         steps=training.local_steps,
-        event=event,
     )
 
 

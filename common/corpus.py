@@ -26,7 +26,6 @@ __all__ = [
     "host_records",
     "host_stream",
     "read_files",
-    "read_folder",
 ]
 
 
@@ -241,17 +240,6 @@ def _parse_jsonl(path: Path) -> list[str]:
             if text.strip():
                 out.append(text)
     return out
-
-
-def read_folder(folder: Path) -> list[str]:
-    """All records of one host folder, files in name order."""
-    if not folder.is_dir():
-        raise DataError(f"data folder {folder} does not exist")
-    files = sorted(p for p in folder.iterdir() if p.suffix in (".jsonl", ".txt"))
-    texts = read_files(files)
-    if not texts:
-        raise DataError(f"data folder {folder} has no records in .jsonl or .txt files")
-    return texts
 
 
 def read_files(files: list[Path]) -> list[str]:

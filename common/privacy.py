@@ -15,7 +15,6 @@ import functools
 from dataclasses import dataclass
 
 from opacus.accountants import create_accountant
-from opacus.accountants.utils import get_noise_multiplier
 
 from common.config import PrivacyConfig, TrainingConfig
 from common.errors import PrivacyError
@@ -24,7 +23,6 @@ __all__ = [
     "DPEvent",
     "StreamPlan",
     "epsilon_of",
-    "noise_multiplier_for",
     "planned_noise_multiplier",
     "stream_plan",
 ]
@@ -37,7 +35,6 @@ class DPEvent:
     noise_multiplier: float
     sample_rate: float
     steps: int
-    round: int = 0
 
     def __post_init__(self) -> None:
         if not self.noise_multiplier > 0:
@@ -58,35 +55,6 @@ def epsilon_of(events: list[DPEvent], *, delta: float, accountant: str) -> float
     acc = create_accountant(mechanism=accountant)
     acc.history = [(e.noise_multiplier, e.sample_rate, e.steps) for e in events]
     return float(acc.get_epsilon(delta=delta))
-
-
-def noise_multiplier_for(
-    *,
-    target_epsilon: float,
-    delta: float,
-    sample_rate: float,
-    steps: int,
-    accountant: str,
-) -> float:
-    """Smallest sigma with composed epsilon after ``steps`` <= ``target_epsilon``."""
-    try:
-        return float(
-            get_noise_multiplier(
-                target_epsilon=target_epsilon,
-                target_delta=delta,
-                sample_rate=sample_rate,
-                steps=steps,
-                accountant=accountant,
-                epsilon_tolerance=0.005,
-            )
-        )
-    except ValueError:
-        raise PrivacyError(
-            f"privacy.target_epsilon = {target_epsilon} cannot be reached with "
-            f"sample_rate {sample_rate} over {steps} steps (noise would exceed the "
-            "accountant's limit); raise target_epsilon, lower training.sample_rate, "
-            "or plan fewer rounds/local_steps"
-        ) from None
 
 
 def planned_noise_multiplier(

@@ -1,5 +1,6 @@
 """DP-SGD mechanics: clipping, calibrated noise, accounting across rounds, guards."""
 
+import dataclasses
 import math
 
 import numpy as np
@@ -14,7 +15,7 @@ from common.corpus import host_records
 from common.errors import PrivacyError, TrainingError
 from common.lm import encode, per_sample_loss
 from common.models import build_adapter_model, load_base_model
-from common.privacy import DPEvent, epsilon_of, noise_multiplier_for
+from common.privacy import DPEvent, StreamPlan, epsilon_of
 
 
 def _setup(ffa=False, rank=8, **training):
@@ -106,8 +107,8 @@ def test_epsilon_equals_opacus_and_grows_with_rounds():
     previous = 0.0
     for r in range(1, 6):
         events = [
-            DPEvent(noise_multiplier=sigma, sample_rate=q, steps=steps, round=i)
-            for i in range(1, r + 1)
+            DPEvent(noise_multiplier=sigma, sample_rate=q, steps=steps)
+            for _ in range(r)
         ]
         acc = RDPAccountant()
         for _ in range(r * steps):
@@ -120,26 +121,16 @@ def test_epsilon_equals_opacus_and_grows_with_rounds():
 
 @pytest.mark.parametrize("accountant", ["rdp", "prv"])
 def test_target_epsilon_to_sigma_and_back(accountant):
-    target, q, steps, delta = 4.0, 0.05, 40, 1e-5
-    sigma = noise_multiplier_for(
-        target_epsilon=target,
-        delta=delta,
-        sample_rate=q,
-        steps=steps,
-        accountant=accountant,
+    from common.config import PrivacyConfig, TrainingConfig
+    from common.privacy import stream_plan
+
+    privacy = PrivacyConfig(target_epsilon=4.0, accountant=accountant)
+    plan = stream_plan(privacy, TrainingConfig(), rounds=10)
+    assert 4.0 - 0.05 <= plan.epsilon(10, 10) <= 4.0
+    less_noise = StreamPlan(
+        **{**dataclasses.asdict(plan), "noise_multiplier": plan.noise_multiplier * 0.9}
     )
-    eps = epsilon_of(
-        [DPEvent(noise_multiplier=sigma, sample_rate=q, steps=steps)],
-        delta=delta,
-        accountant=accountant,
-    )
-    assert target - 0.05 <= eps <= target
-    less = epsilon_of(
-        [DPEvent(noise_multiplier=sigma * 0.9, sample_rate=q, steps=steps)],
-        delta=delta,
-        accountant=accountant,
-    )
-    assert less > target
+    assert less_noise.epsilon(10, 10) > 4.0
 
 
 def test_planned_sigma_spends_the_target_over_the_planned_rounds():
@@ -160,14 +151,13 @@ def test_planned_sigma_spends_the_target_over_the_planned_rounds():
 
 
 def test_unreachable_epsilon_is_a_clear_error():
+    from common.config import PrivacyConfig, TrainingConfig
+    from common.privacy import planned_noise_multiplier
+
+    privacy = PrivacyConfig(target_epsilon=1e-3, count_noise=1e6)
+    training = TrainingConfig(sample_rate=1.0, local_steps=500)
     with pytest.raises(PrivacyError, match="cannot be reached"):
-        noise_multiplier_for(
-            target_epsilon=1e-6,
-            delta=1e-5,
-            sample_rate=1.0,
-            steps=10_000,
-            accountant="rdp",
-        )
+        planned_noise_multiplier(privacy, training, rounds=20)
 
 
 def test_guard_refuses_nan_unchanged_and_exploding_updates():
@@ -214,14 +204,11 @@ def test_dp_training_improves_loss_and_is_deterministic():
             privacy=cfg.privacy,
             noise_multiplier=0.5,
             seed=11,
-            round_num=1,
         )
         runs.append(res)
     assert runs[0].loss_after < runs[0].loss_before
     assert all(np.array_equal(runs[0].arrays[k], runs[1].arrays[k]) for k in start)
-    assert runs[0].event == DPEvent(
-        noise_multiplier=0.5, sample_rate=0.25, steps=8, round=1
-    )
+    assert runs[0].steps == 8
 
 
 @pytest.mark.parametrize(
