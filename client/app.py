@@ -10,11 +10,15 @@ replies, never as exceptions.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import hmac
 import logging
 import math
 import time
 from typing import Any
 
+import numpy as np
+import torch
 from flwr.app import ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
@@ -23,11 +27,12 @@ from client.trainer import train_local
 from client.window import WindowSettings, host_epsilon, select_round
 from common.adapter import encode_delta, from_record, layout_id, load_trainable_state
 from common.config import RunConfig
+from common.drift import BASELINE0, DriftState, observe, record_vectors, release
 from common.errors import DataError, FedstreamError, PrivacyError
-from common.lm import encode_records, evaluate_loss
-from common.privacy import stream_plan
+from common.lm import Encoded, encode_records, evaluate_loss, per_sample_loss
+from common.privacy import StreamPlan, run_plan
 
-__all__ = ["app", "coarse_count", "config_from_record"]
+__all__ = ["app", "coarse_count", "config_from_record", "drift_signal"]
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +49,65 @@ def config_from_record(record: ConfigRecord) -> RunConfig:
 def coarse_count(n: int) -> int:
     """Number of records rounded to a power of two: coarse by design, not DP."""
     return 0 if n <= 0 else 2 ** round(math.log2(n))
+
+
+def examples_metric(expected: float, n: int, cfg: RunConfig) -> int:
+    """The example count a host reports: under DP the expected training-set size
+    computed from the noisy counts (post-processing of a DP output), else exact."""
+    return max(1, round(expected)) if cfg.privacy.enabled else n
+
+
+def drift_signal(
+    model: torch.nn.Module,
+    data: Encoded,
+    idx: list[int],
+    state: DriftState,
+    *,
+    cfg: RunConfig,
+    plan: StreamPlan,
+    expected: float,
+    round_num: int,
+    secret: bytes,
+) -> tuple[float, bool]:
+    """Release this round's drift statistics over the drift sample ``idx`` of
+    ``data`` (see ``common.drift``) and feed them to the host's detector."""
+    rel = None
+    sigma = plan.count_noise / math.sqrt(cfg.drift.query_weight)
+    if idx:
+        sample = data.take(torch.tensor(idx, dtype=torch.long))
+        model.eval()
+        losses = []
+        with torch.no_grad():
+            for start in range(0, len(sample), cfg.data.eval_batch_size):
+                part = torch.arange(
+                    start, min(start + cfg.data.eval_batch_size, len(sample))
+                )
+                losses.append(per_sample_loss(model, sample.take(part)))
+        log_loss = torch.cat(losses).clamp(min=1e-6).log().numpy().astype(np.float64)
+        vectors = record_vectors(
+            sample.input_ids.numpy(), sample.targets.numpy(), cfg.drift.buckets
+        )
+        rng = None
+        if cfg.privacy.enabled:
+            tag = f"drift:{round_num}".encode()
+            seed = hmac.new(secret, tag, hashlib.sha256).digest()
+            rng = np.random.default_rng(int.from_bytes(seed[:8], "big"))
+        rel = release(
+            log_loss,
+            vectors,
+            baseline=state.baseline if state.baseline is not None else BASELINE0,
+            expected=expected,
+            sigma=sigma,
+            rng=rng,
+        )
+    return observe(
+        state,
+        rel,
+        round_num=round_num,
+        sigma=sigma if cfg.privacy.enabled else 0.0,
+        delta=cfg.drift.ph_delta,
+        threshold=cfg.drift.ph_lambda,
+    )
 
 
 def _host(msg: Message, context: Context) -> tuple[Host, RunConfig, int]:
@@ -74,7 +138,8 @@ def _train(msg: Message, context: Context) -> Message:
     t0 = time.perf_counter()
     host, cfg, server_round = _host(msg, context)
     base, model = adapter_model(cfg)
-    plan = stream_plan(cfg.privacy, cfg.training, rounds=cfg.federation.rounds)
+    plan = run_plan(cfg)
+    drift_weight = cfg.drift.query_weight if cfg.drift.enabled else 0
     window = WindowSettings(
         fresh_cap=cfg.window.fresh_cap, replay_cap=cfg.window.replay_cap
     )
@@ -83,7 +148,13 @@ def _train(msg: Message, context: Context) -> Message:
         # Choose this round's records and commit their privacy spend before training:
         # the ledger is on disk before the update can leave the host.
         sel = select_round(
-            store, plan, window, round_num=server_round, secret=host.secret()
+            store,
+            plan,
+            window,
+            round_num=server_round,
+            secret=host.secret(),
+            drift_weight=drift_weight,
+            drift_cap=cfg.drift.sample_cap,
         )
         epsilon = host_epsilon(store, plan) if cfg.privacy.enabled else 0.0
         store.set_meta_json(
@@ -101,13 +172,37 @@ def _train(msg: Message, context: Context) -> Message:
                     "this host trains again when new records arrive"
                 )
             raise DataError(f"host {host.name}: no record is eligible this round")
-        records = [r.content for r in store.iter_records(sel.eligible)]
+        stored = list(store.iter_records(sel.eligible))
+        state = DriftState.from_json(store.meta_json("drift_state"))
     finally:
         store.close()
+    records = [r.content for r in stored]
     data = encode_records(records, base.tokenizer, cfg.model.max_length)
 
     global_arrays = from_record(msg.content.array_records["arrays"])
     load_trainable_state(model, global_arrays)
+    score, event = 0.0, False
+    if cfg.drift.enabled:
+        in_sample = set(sel.drift)
+        idx = [i for i, r in enumerate(stored) if r.seq in in_sample]
+        score, event = drift_signal(
+            model,
+            data,
+            idx,
+            state,
+            cfg=cfg,
+            plan=plan,
+            expected=sel.drift_expected if cfg.privacy.enabled else float(len(idx)),
+            round_num=server_round,
+            secret=host.secret(),
+        )
+        store = host.open_store()
+        try:
+            store.set_meta_json("drift_state", state.to_json())
+        finally:
+            store.close()
+        if event:
+            log.warning("host %s: drift event in round %s", host.name, server_round)
     result = train_local(
         model,
         data,
@@ -115,12 +210,16 @@ def _train(msg: Message, context: Context) -> Message:
         privacy=cfg.privacy,
         noise_multiplier=plan.noise_multiplier if cfg.privacy.enabled else None,
         seed=host.round_seed(server_round),
+        proximal_mu=cfg.aggregation.mu,
     )
     delta = encode_delta(result.arrays, global_arrays, cfg.training.update_dtype)
     metrics = MetricRecord(
         {
-            "num-examples": coarse_count(len(data)),
+            "num-examples": examples_metric(sel.expected, len(data), cfg),
             "train-loss": round(result.mean_loss, 2),
+            "drift-score": round(score, 3),
+            "drift-event": int(event),
+            "base-round": server_round,
             "epsilon": epsilon,
             "noise-multiplier": plan.noise_multiplier if cfg.privacy.enabled else 0.0,
             "steps": result.steps,

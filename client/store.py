@@ -376,10 +376,13 @@ class Store:
         retire: list[tuple[int, int]],
         eligible: list[int],
         meta: dict[str, int],
+        extra: list[int] | None = None,
+        extra_queries: int = 0,
     ) -> tuple[int, int]:
         """One round's privacy spend, in one transaction: retire the records whose
         (eligible, counted) spend is in ``retire``, charge every other live record one
-        count query, and every record in ``eligible`` one eligible round.
+        count query, and every record in ``eligible`` one eligible round; records in
+        ``extra`` (the drift sample) are charged ``extra_queries`` more count queries.
         Returns (records retired, live records)."""
         cur = self.db.cursor()
         cur.execute("BEGIN IMMEDIATE")
@@ -401,6 +404,11 @@ class Store:
                 "UPDATE records SET elig = elig + 1 WHERE seq=?",
                 [(s,) for s in eligible],
             )
+            if extra and extra_queries:
+                cur.executemany(
+                    "UPDATE records SET queries = queries + ? WHERE seq=?",
+                    [(extra_queries, s) for s in extra],
+                )
             cur.executemany(
                 "INSERT INTO meta VALUES(?, ?) ON CONFLICT(key) DO UPDATE "
                 "SET value = excluded.value",

@@ -138,6 +138,7 @@ class LocalTrainer:
         privacy: PrivacyConfig,
         noise_multiplier: float | None,
         seed: int,
+        proximal_mu: float = 0.0,
     ) -> None:
         if privacy.enabled and not (noise_multiplier and noise_multiplier > 0):
             raise TrainingError(
@@ -154,6 +155,9 @@ class LocalTrainer:
         self.params = [p for p in model.parameters() if p.requires_grad]
         if not self.params:
             raise TrainingError("the model has no trainable adapter tensors")
+        # Proximal anchor: the adapter as received (the global one).
+        self.proximal_mu = proximal_mu
+        self.anchor = [p.detach().clone() for p in self.params] if proximal_mu else []
         lr = training.learning_rate
         self.optimizer: torch.optim.Optimizer = (
             torch.optim.Adam(self.params, lr=lr)
@@ -234,7 +238,19 @@ class LocalTrainer:
             losses = per_sample_loss(self.model, batch)
             (losses.sum() / self.training.batch_size).backward()
             self.optimizer.step()
+        self._proximal_step()
         return losses.detach()
+
+    def _proximal_step(self) -> None:
+        """FedProx's pull toward the received global adapter, decoupled from the
+        DP gradient: ``w -= lr * mu * (w - w_global)``. It depends on no record, so
+        it needs no clipping or noise (post-processing of the DP step)."""
+        if not self.proximal_mu:
+            return
+        step = self.training.learning_rate * self.proximal_mu
+        with torch.no_grad():
+            for p, a in zip(self.params, self.anchor, strict=True):
+                p.sub_(step * (p - a))
 
     def _noise_only_step(self) -> None:
         """An empty Poisson batch still releases noise (the accountant counts it)."""
@@ -246,6 +262,7 @@ class LocalTrainer:
             p.grad = noise / self.training.batch_size
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
+        self._proximal_step()
 
 
 def train_local(
@@ -256,6 +273,7 @@ def train_local(
     privacy: PrivacyConfig,
     noise_multiplier: float | None,
     seed: int,
+    proximal_mu: float = 0.0,
 ) -> LocalResult:
     """Train ``local_steps`` steps on ``data``; ``TrainingError`` on a bad update."""
     if len(data) == 0:
@@ -270,6 +288,7 @@ def train_local(
         privacy=privacy,
         noise_multiplier=noise_multiplier,
         seed=seed,
+        proximal_mu=proximal_mu,
     ) as trainer:
         for _ in range(training.local_steps):
             idx = trainer.sample(len(data))

@@ -27,7 +27,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -51,10 +51,13 @@ class Selection:
     replay: int  # eligible replayed records
     retired: int  # records retired this round
     live: int  # live records after this round
+    drift: list[int] = field(default_factory=list)  # seqs in the drift sample
+    drift_expected: float = 0.0  # expected drift sample size, from noisy counts
+    expected: float = 0.0  # expected eligible records, from noisy counts
 
 
-def _coin(secret: bytes, seq: int, rnd: int) -> float:
-    mac = hmac.new(secret, f"coin:{seq}:{rnd}".encode(), hashlib.sha256).digest()
+def _coin(secret: bytes, seq: int, rnd: int, kind: str = "coin") -> float:
+    mac = hmac.new(secret, f"{kind}:{seq}:{rnd}".encode(), hashlib.sha256).digest()
     return int.from_bytes(mac[:7], "big") / 2.0**56
 
 
@@ -65,6 +68,8 @@ def select_round(
     *,
     round_num: int,
     secret: bytes,
+    drift_weight: int = 0,
+    drift_cap: int = 0,
 ) -> Selection:
     """Choose and commit this round's eligible records (see the module docstring).
 
@@ -83,6 +88,7 @@ def select_round(
         else:
             retiring.append((elig, queries))  # cannot even be counted again
     rates = {}
+    noisy_counts: dict[bytes, float] = {}
     for key, n in counts.items():
         # Noise keyed by (round, group) from the host secret: the server cannot
         # reproduce it, and one group's noise does not depend on which others exist.
@@ -93,6 +99,14 @@ def select_round(
         )
         cap = settings.fresh_cap if key == fresh_key else settings.replay_cap
         rates[key] = min(1.0, cap / max(noisy, 1.0))
+        noisy_counts[key] = max(noisy, 0.0)
+    # The drift sample: eligible fresh records whose own second coin falls below a
+    # rate set from the noisy fresh count (so about drift_cap records).
+    fresh_expected = noisy_counts.get(fresh_key, 0.0) * rates.get(fresh_key, 0.0)
+    drift_rate = (
+        min(1.0, drift_cap / max(fresh_expected, 1.0)) if drift_weight > 0 else 0.0
+    )
+    drift: list[int] = []
     # 2. Each record's own coin against its group's rate.
     eligible: list[int] = []
     fresh = replay = 0
@@ -104,14 +118,34 @@ def select_round(
             eligible.append(seq)
             fresh += key == fresh_key
             replay += key != fresh_key
+            if (
+                key == fresh_key
+                and drift_rate > 0
+                and plan.fits(elig + 1, queries + 1 + drift_weight)
+                and _coin(secret, seq, round_num, "drift") < drift_rate
+            ):
+                drift.append(seq)
     # 3. The spend, committed before any training.
     retired, live = store.apply_round(
         top=top,
         retire=retiring,
         eligible=eligible,
+        extra=drift,
+        extra_queries=drift_weight,
         meta={"fresh_after": max(top, last_seq), "last_round": round_num},
     )
-    return Selection(round_num, eligible, fresh, replay, retired, live)
+    expected = sum(noisy_counts[k] * rates[k] for k in rates)
+    return Selection(
+        round_num,
+        eligible,
+        fresh,
+        replay,
+        retired,
+        live,
+        drift=drift,
+        drift_expected=fresh_expected * drift_rate,
+        expected=expected,
+    )
 
 
 def host_epsilon(store: Store, plan: StreamPlan) -> float:

@@ -19,7 +19,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from common.errors import ConfigError
 
 __all__ = [
+    "AggregationConfig",
     "DataConfig",
+    "DriftConfig",
     "FederationConfig",
     "FrozenModel",
     "LoraSettings",
@@ -133,6 +135,79 @@ class WindowConfig(FrozenModel):
     )
 
 
+class DriftConfig(FrozenModel):
+    enabled: bool = Field(
+        True,
+        description="Host-side drift detection; its DP release is charged to the "
+        "sampled fresh records.",
+    )
+    query_weight: int = Field(
+        16,
+        ge=1,
+        le=100,
+        description="The drift release is a Gaussian query with noise "
+        "privacy.count_noise / sqrt(query_weight), charged as query_weight counts.",
+    )
+    sample_cap: int = Field(
+        128, ge=8, description="Expected fresh records a round in the drift sample."
+    )
+    buckets: int = Field(
+        32, ge=8, le=4096, description="Hashed token buckets of the token histogram."
+    )
+    ph_delta: float = Field(
+        1.0,
+        ge=0,
+        description="Page-Hinkley tolerance per round, in standard deviations of "
+        "the no-change signal.",
+    )
+    ph_lambda: float = Field(
+        6.0,
+        gt=0,
+        description="Page-Hinkley alarm threshold (a drift event), in standard "
+        "deviations.",
+    )
+
+
+POLICY_MU = {"fedprox": 1.0, "drift": 1.0}  # proximal_mu defaults per policy
+
+
+class AggregationConfig(FrozenModel):
+    policy: str = Field(
+        "fedavg",
+        description="Server weighting policy from the registry: fedavg, fedprox, "
+        "drift (server.policies).",
+    )
+    proximal_mu: float | None = Field(
+        None,
+        ge=0,
+        description="Proximal pull toward the global adapter on hosts; unset: the "
+        "policy's default (fedavg 0, fedprox and drift 1.0).",
+    )
+    drift_boost: float = Field(
+        2.0, ge=0, description="drift: weight factor 1 + drift_boost x drift score."
+    )
+    norm_limit: float = Field(
+        3.0,
+        gt=1,
+        description="drift: an update longer than norm_limit x the median norm is "
+        "scaled down to that length.",
+    )
+    min_cosine: float = Field(
+        -0.15,
+        ge=-1,
+        le=1,
+        description="drift: an update whose cosine with the others' mean is below "
+        "this gets its weight damped linearly to 0 at min_cosine - 0.2.",
+    )
+
+    @property
+    def mu(self) -> float:
+        """The proximal coefficient hosts use: explicit, else the policy's default."""
+        if self.proximal_mu is not None:
+            return self.proximal_mu
+        return POLICY_MU.get(self.policy, 0.0)
+
+
 class FederationConfig(FrozenModel):
     hosts: int = Field(4, ge=1, description="Virtual hosts in simulation.")
     rounds: int = Field(3, ge=1, description="Federated rounds.")
@@ -150,6 +225,11 @@ class DataConfig(FrozenModel):
         description="'builtin' streams, or a folder with one sub-folder per host of "
         ".jsonl/.txt files.",
     )
+    scenario: str | None = Field(
+        None,
+        description="A drifting federation: built-in scenario name or scenario TOML "
+        "(common.scenario); hosts receive its records round by round.",
+    )
     records_per_host: int = Field(320, ge=1, description="Built-in records per host.")
     heldout_per_domain: int = Field(24, ge=1, description="Held-out records a domain.")
     eval_batch_size: int = Field(32, ge=1, description="Batch size for evaluation.")
@@ -165,6 +245,8 @@ class RunConfig(FrozenModel):
     window: WindowConfig = WindowConfig()
     federation: FederationConfig = FederationConfig()
     data: DataConfig = DataConfig()
+    drift: DriftConfig = DriftConfig()
+    aggregation: AggregationConfig = AggregationConfig()
 
     # -- construction ---------------------------------------------------------------
     @classmethod

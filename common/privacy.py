@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 from opacus.accountants import create_accountant
 
-from common.config import PrivacyConfig, TrainingConfig
+from common.config import PrivacyConfig, RunConfig, TrainingConfig
 from common.errors import PrivacyError
 
 __all__ = [
@@ -24,6 +24,8 @@ __all__ = [
     "StreamPlan",
     "epsilon_of",
     "planned_noise_multiplier",
+    "run_noise_multiplier",
+    "run_plan",
     "stream_plan",
 ]
 
@@ -58,10 +60,15 @@ def epsilon_of(events: list[DPEvent], *, delta: float, accountant: str) -> float
 
 
 def planned_noise_multiplier(
-    privacy: PrivacyConfig, training: TrainingConfig, *, rounds: int
+    privacy: PrivacyConfig,
+    training: TrainingConfig,
+    *,
+    rounds: int,
+    extra_queries: int = 0,
 ) -> float:
     """The configured sigma, or the smallest one with which a record that is eligible
-    and counted in every one of ``rounds`` rounds ends at ``target_epsilon``."""
+    and counted in every one of ``rounds`` rounds, and charged ``extra_queries`` more
+    count queries once (the drift release), ends at ``target_epsilon``."""
     if privacy.noise_multiplier is not None:
         return privacy.noise_multiplier
     target = privacy.target_epsilon
@@ -78,7 +85,8 @@ def planned_noise_multiplier(
             accountant=privacy.accountant,
         )
 
-    counts_only = plan(1.0).epsilon(0, rounds)
+    counts = rounds + extra_queries
+    counts_only = plan(1.0).epsilon(0, counts)
     if counts_only >= target:
         raise PrivacyError(
             f"privacy.target_epsilon = {target} cannot be reached: the noisy counts "
@@ -86,7 +94,7 @@ def planned_noise_multiplier(
             "target_epsilon or privacy.count_noise, or plan fewer rounds"
         )
     low, high = 0.0, 1.0
-    while plan(high).epsilon(rounds, rounds) > target:
+    while plan(high).epsilon(rounds, counts) > target:
         low, high = high, high * 2
         if high > 1e4:
             raise PrivacyError(
@@ -97,7 +105,7 @@ def planned_noise_multiplier(
             )
     while high - low > 1e-3 * high:
         mid = (low + high) / 2
-        if plan(mid).epsilon(rounds, rounds) > target:
+        if plan(mid).epsilon(rounds, counts) > target:
             low = mid
         else:
             high = mid
@@ -105,11 +113,17 @@ def planned_noise_multiplier(
 
 
 def stream_plan(
-    privacy: PrivacyConfig, training: TrainingConfig, *, rounds: int
+    privacy: PrivacyConfig,
+    training: TrainingConfig,
+    *,
+    rounds: int,
+    extra_queries: int = 0,
 ) -> StreamPlan:
     """The per-record plan a host trains under (no budget cap without DP)."""
     sigma = (
-        planned_noise_multiplier(privacy, training, rounds=rounds)
+        planned_noise_multiplier(
+            privacy, training, rounds=rounds, extra_queries=extra_queries
+        )
         if privacy.enabled
         else 1.0
     )
@@ -180,3 +194,22 @@ class StreamPlan:
 def _stream_epsilon(plan: StreamPlan, eligible_rounds: int, count_rounds: int) -> float:
     events = [e for e in plan.events(eligible_rounds, count_rounds) if e.steps > 0]
     return epsilon_of(events, delta=plan.delta, accountant=plan.accountant)
+
+
+def run_plan(cfg: RunConfig) -> StreamPlan:
+    """The plan of a run: its rounds, plus the drift release when drift is on."""
+    return stream_plan(
+        cfg.privacy,
+        cfg.training,
+        rounds=cfg.federation.rounds,
+        extra_queries=cfg.drift.query_weight if cfg.drift.enabled else 0,
+    )
+
+
+def run_noise_multiplier(cfg: RunConfig) -> float:
+    return planned_noise_multiplier(
+        cfg.privacy,
+        cfg.training,
+        rounds=cfg.federation.rounds,
+        extra_queries=cfg.drift.query_weight if cfg.drift.enabled else 0,
+    )

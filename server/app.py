@@ -20,6 +20,7 @@ from common.config import RunConfig
 from common.models import build_adapter_model, load_base_model
 from server.checkpoint import RunFolder, now
 from server.evaluation import HeldOut
+from server.policies import make_policy
 from server.report import write_report
 from server.strategy import AdapterFedAvg
 
@@ -37,6 +38,7 @@ def run_server(
     hosts_dir: str | None = None,
     on_round: RoundCallback | None = None,
     stop_after: int | None = None,
+    before_round: Callable[[int], None] | None = None,
 ) -> RunFolder:
     """Run (or resume) the federation described by ``cfg`` on ``grid``.
 
@@ -67,6 +69,7 @@ def run_server(
         log.info("Resuming %s after round %d", folder.path, start)
 
     heldout = HeldOut.for_run(cfg, base)
+    policy = make_policy(cfg.aggregation)
     identity = base.identity()
     epsilon: dict[str, float] = {}
     for line in folder.read_metrics():
@@ -80,6 +83,8 @@ def run_server(
         global_arrays=arrays,
         base_config=base_config,
         round_offset=start,
+        policy=policy,
+        before_round=before_round,
         fraction_train=fed.fraction_train,
         fraction_evaluate=fed.fraction_evaluate,
         min_train_nodes=fed.min_hosts,
@@ -113,6 +118,11 @@ def run_server(
             "bytes": outcome.bytes,
             "rejected": outcome.rejected,
             "failed": outcome.failed,
+            "policy": policy.name,
+            "weights": outcome.weights,
+            "drift": outcome.drift,
+            "drift_events": outcome.drift_events,
+            "damped": outcome.damped,
             "wall_s": round(time.perf_counter() - clock["t"], 2),
             "time": now(),
         }
@@ -151,7 +161,7 @@ app = ServerApp()
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     """Entry point for ``flwr run .``: settings from ``[tool.flwr.app.config]``."""
-    from server.sim import prepare_hosts
+    from server.sim import prepare_hosts, scenario_feeder
 
     cfg = RunConfig.from_flat(dict(context.run_config))
     cfg = cfg.with_overrides(out=str(Path(cfg.out).resolve()))
@@ -162,4 +172,9 @@ def main(grid: Grid, context: Context) -> None:
         cfg = cfg.with_overrides(federation={"hosts": nodes})
     cfg, hosts_dir, _ = prepare_hosts(cfg)
     log.info("Run folder %s, %d hosts", cfg.out, cfg.federation.hosts)
-    run_server(grid, cfg, hosts_dir=str(hosts_dir))
+    run_server(
+        grid,
+        cfg,
+        hosts_dir=str(hosts_dir),
+        before_round=scenario_feeder(cfg, hosts_dir),
+    )

@@ -1,8 +1,9 @@
 """Held-out evaluation of the global adapter on the server, per domain.
 
 Built-in streams come with per-domain held-out sets generated from a separate seed
-stream. With ``data.source = DIR``, each ``DIR/_heldout/<domain>.jsonl|.txt`` file is
-one held-out domain; without that folder the server evaluates nothing centrally.
+stream; a scenario names its own held-out sets. With ``data.source = DIR``, each
+``DIR/_heldout/<domain>.jsonl|.txt`` file is one held-out domain; without that folder
+the server evaluates nothing centrally.
 """
 
 from __future__ import annotations
@@ -30,7 +31,11 @@ class HeldOut:
     @classmethod
     def for_run(cls, cfg: RunConfig, base: BaseModel) -> HeldOut:
         texts: dict[str, list[str]]
-        if cfg.data.source == "builtin":
+        if cfg.data.scenario is not None:
+            from common.scenario import heldout_texts, load_scenario
+
+            texts = heldout_texts(load_scenario(cfg.data.scenario), seed=cfg.seed)
+        elif cfg.data.source == "builtin":
             texts = heldout_sets(cfg.data.heldout_per_domain, seed=cfg.seed)
         else:
             folder = Path(cfg.data.source) / "_heldout"

@@ -15,6 +15,7 @@ import logging
 import os
 import sys
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +44,18 @@ def build_config(args: argparse.Namespace) -> RunConfig:
         over.setdefault("privacy", {})["enabled"] = False
     if args.data:
         over.setdefault("data", {})["source"] = str(Path(args.data).resolve())
+    if args.scenario:
+        from common.scenario import BUILTIN, load_scenario
+
+        spec = args.scenario
+        scen = load_scenario(spec)  # a bad file fails here, naming the field
+        spec = spec if spec in BUILTIN else str(Path(spec).resolve())
+        over.setdefault("data", {})["scenario"] = spec
+        over.setdefault("federation", {})["hosts"] = len(scen.hosts)
+        if args.rounds is None:
+            over["federation"]["rounds"] = scen.rounds
+    if args.policy:
+        over.setdefault("aggregation", {})["policy"] = args.policy
     if args.seed is not None:
         over["seed"] = args.seed
     if args.out:
@@ -84,18 +97,12 @@ def prepare_hosts(cfg: RunConfig) -> tuple[RunConfig, Path, list[dict[str, int]]
     hosts folder and each host's ingestion counters.
     """
     hosts_dir = Path(cfg.out).resolve() / "hosts"
+    if cfg.data.scenario is not None:
+        return _prepare_scenario_hosts(cfg, hosts_dir)
     inputs = _host_inputs(cfg)
     summaries = []
     for i, raw in enumerate(inputs):
-        data_dir = hosts_dir / f"host-{i}"
-        # Virtual hosts share one machine with the server anyway; deriving their
-        # secret and store key from the run seed makes simulations reproducible.
-        # A deployed host creates random ones on first use.
-        derive = f"fedstream-sim:{cfg.seed}:host-{i}".encode()
-        ensure_secret(data_dir / "host.secret", hashlib.sha256(derive).digest())
-        key = base64.b64encode(hashlib.sha256(b"store:" + derive).digest()) + b"\n"
-        ensure_secret(data_dir / "store.key", key)
-        store = Store(data_dir / "store.db", load_key(data_dir / "store.key"))
+        store = _virtual_store(cfg, hosts_dir / f"host-{i}", i)
         try:
             if not store.counters().get("received"):
                 ingestor = Ingestor(store)
@@ -120,6 +127,64 @@ def prepare_hosts(cfg: RunConfig) -> tuple[RunConfig, Path, list[dict[str, int]]
     if cfg.federation.hosts != len(inputs):
         cfg = cfg.with_overrides(federation={"hosts": len(inputs)})
     return cfg, hosts_dir, summaries
+
+
+def _virtual_store(cfg: RunConfig, data_dir: Path, i: int) -> Store:
+    """Open a virtual host's store, creating its secret and key on first use."""
+    # Virtual hosts share one machine with the server anyway; deriving their
+    # secret and store key from the run seed makes simulations reproducible.
+    # A deployed host creates random ones on first use.
+    derive = f"fedstream-sim:{cfg.seed}:host-{i}".encode()
+    ensure_secret(data_dir / "host.secret", hashlib.sha256(derive).digest())
+    key = base64.b64encode(hashlib.sha256(b"store:" + derive).digest()) + b"\n"
+    ensure_secret(data_dir / "store.key", key)
+    return Store(data_dir / "store.db", load_key(data_dir / "store.key"))
+
+
+def _prepare_scenario_hosts(
+    cfg: RunConfig, hosts_dir: Path
+) -> tuple[RunConfig, Path, list[dict[str, int]]]:
+    from common.scenario import load_scenario
+
+    assert cfg.data.scenario is not None
+    scen = load_scenario(cfg.data.scenario)
+    summaries = []
+    for i in range(len(scen.hosts)):
+        store = _virtual_store(cfg, hosts_dir / f"host-{i}", i)
+        try:
+            summaries.append(store.counters())
+        finally:
+            store.close()
+    if cfg.federation.hosts != len(scen.hosts):
+        cfg = cfg.with_overrides(federation={"hosts": len(scen.hosts)})
+    return cfg, hosts_dir, summaries
+
+
+def scenario_feeder(cfg: RunConfig, hosts_dir: Path) -> Callable[[int], None] | None:
+    """The simulated streams of a scenario: before round r, every virtual host's store
+    receives that round's records through the quality gate (once: the round is
+    committed as the source's offset in the same transaction)."""
+    if cfg.data.scenario is None:
+        return None
+    from common.scenario import load_scenario, round_records
+
+    scen = load_scenario(cfg.data.scenario)
+
+    def feed(rnd: int) -> None:
+        for i in range(len(scen.hosts)):
+            store = _virtual_store(cfg, hosts_dir / f"host-{i}", i)
+            try:
+                if int(store.offset("scenario") or 0) >= rnd:
+                    continue
+                records = round_records(scen, i, rnd, seed=cfg.seed)
+                Ingestor(store).submit(
+                    [(json.dumps(r).encode(), "scenario") for r in records],
+                    offsets={"scenario": str(rnd)},
+                )
+            finally:
+                store.close()
+
+    return feed
 
 
 class _Console:
@@ -264,6 +329,7 @@ def run(
             hosts_dir=str(hosts_dir),
             on_round=ui.on_round,
             stop_after=stop_after,
+            before_round=scenario_feeder(cfg, hosts_dir),
         )
 
     if not verbose:
@@ -309,6 +375,12 @@ def parser() -> argparse.ArgumentParser:
         "--no-dp", action="store_true", help="train without DP, for comparison"
     )
     p.add_argument("--data", help="folder with one sub-folder of .jsonl/.txt per host")
+    p.add_argument(
+        "--scenario",
+        help="drifting federation: built-in name (abrupt, gradual, recurring, noisy, "
+        "noisy-clean, languages, code-prose) or a scenario TOML file",
+    )
+    p.add_argument("--policy", help="aggregation policy: fedavg, fedprox, drift")
     p.add_argument(
         "--stop-after", type=int, help="stop after this round (resume later)"
     )

@@ -1,9 +1,10 @@
-"""FedAvg over LoRA adapter deltas.
+"""Aggregation of LoRA adapter deltas under a weighting policy.
 
 Hosts send ``local - global`` (fp16 or fp32). The server checks every reply on its own
 (names, shapes, finite values), so one bad host is rejected with its reason logged and
-the round goes on with the rest. Accepted deltas are averaged in fp32, weighted by
-``num-examples``, and added to the fp32 global adapter.
+the round goes on with the rest. Accepted deltas are combined in fp32 with the weights
+of the configured policy (``server.policies``: ``fedavg`` weighs by ``num-examples``)
+and added to the fp32 global adapter.
 
 ``round_offset`` lets a resumed run continue its numbering: Flower's ``start`` counts
 rounds from 1, the run counts from ``offset + 1``.
@@ -13,7 +14,7 @@ from __future__ import annotations
 
 import logging
 from collections import OrderedDict
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -24,6 +25,8 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
 from common.adapter import apply_delta, decode_delta, layout_id, to_record
+from common.config import AggregationConfig
+from server.policies import FedAvgPolicy, HostUpdate, Policy
 
 __all__ = ["AdapterFedAvg", "RoundOutcome"]
 
@@ -40,6 +43,10 @@ class RoundOutcome:
     bytes: dict[str, int] = field(default_factory=dict)
     rejected: dict[str, str] = field(default_factory=dict)  # host -> reason
     failed: dict[str, str] = field(default_factory=dict)  # node -> error reason
+    weights: dict[str, float] = field(default_factory=dict)  # host -> weight
+    drift: dict[str, float] = field(default_factory=dict)  # host -> drift score
+    drift_events: list[str] = field(default_factory=list)
+    damped: dict[str, str] = field(default_factory=dict)  # host -> reason
 
 
 def host_name(msg: Message) -> str:
@@ -58,9 +65,13 @@ class AdapterFedAvg(FedAvg):
         global_arrays: OrderedDict[str, np.ndarray],
         base_config: dict[str, Any],
         round_offset: int = 0,
+        policy: Policy | None = None,
+        before_round: Callable[[int], None] | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
+        self.policy = policy or FedAvgPolicy(AggregationConfig())
+        self.before_round = before_round
         self.global_arrays = global_arrays
         self.shapes = {k: tuple(v.shape) for k, v in global_arrays.items()}
         self.layout = layout_id(self.shapes)
@@ -72,6 +83,9 @@ class AdapterFedAvg(FedAvg):
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         config = ConfigRecord({**self.base_config, **dict(config)})
+        if self.before_round is not None:
+            # e.g. a simulated stream delivering this round's records to the hosts
+            self.before_round(self.round_offset + server_round)
         return super().configure_train(
             self.round_offset + server_round, arrays, config, grid
         )
@@ -96,7 +110,7 @@ class AdapterFedAvg(FedAvg):
         for msg in errors:
             outcome.failed[f"node-{msg.metadata.src_node_id}"] = msg.error.reason or ""
 
-        deltas: list[tuple[float, OrderedDict[str, np.ndarray]]] = []
+        updates: list[HostUpdate] = []
         # Sorted by host so the fp32 sum does not depend on reply arrival order.
         for msg in sorted(valid, key=host_name):
             name = host_name(msg)
@@ -117,20 +131,46 @@ class AdapterFedAvg(FedAvg):
                 continue
             assert delta is not None
             outcome.hosts.append(name)
-            deltas.append((weight, delta))
+            m = outcome.metrics.get(name, {})
+            base_round = m.get("base-round", outcome.round)
+            updates.append(
+                HostUpdate(
+                    name=name,
+                    delta=delta,
+                    examples=weight,
+                    drift_score=float(m.get("drift-score", 0.0)),
+                    drift_event=bool(m.get("drift-event", 0)),
+                    staleness=max(0, int(outcome.round - base_round)),
+                )
+            )
 
-        if not deltas:
+        if not updates:
             log.warning(
                 "Round %s: no usable update; the global adapter is unchanged",
                 outcome.round,
             )
             return None, None
-        total = sum(w for w, _ in deltas)
+        weighing = self.policy.weigh(updates)
+        outcome.weights = {h: round(w, 4) for h, w in weighing.weights.items()}
+        outcome.drift = {u.name: u.drift_score for u in updates}
+        outcome.drift_events = [u.name for u in updates if u.drift_event]
+        outcome.damped = weighing.damped
+        for host, why in weighing.damped.items():
+            log.warning("Round %s: damped update from %s: %s", outcome.round, host, why)
+        log.info(
+            "Round %s: policy %s, weights %s, drift scores %s, drift events %s",
+            outcome.round,
+            self.policy.name,
+            outcome.weights,
+            outcome.drift,
+            outcome.drift_events,
+        )
         mean: OrderedDict[str, np.ndarray] = OrderedDict()
         for key, value in self.global_arrays.items():
             acc = np.zeros_like(value)
-            for w, d in deltas:
-                acc += (w / total) * d[key]
+            for u in updates:
+                w = weighing.weights[u.name] * weighing.scale.get(u.name, 1.0)
+                acc += np.float32(w) * u.delta[key]
             mean[key] = acc
         self.global_arrays = apply_delta(self.global_arrays, mean)
         losses = [

@@ -10,7 +10,7 @@ import pytest
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 
 import client.host
-from client.app import coarse_count, train
+from client.app import train
 from client.host import adapter_model
 from client.ingest import Ingestor
 from client.store import Store, load_key
@@ -18,7 +18,7 @@ from client.window import host_epsilon
 from common.adapter import decode_delta, layout_id, to_record, trainable_state
 from common.config import RunConfig
 from common.corpus import host_records
-from common.privacy import stream_plan
+from common.privacy import run_plan
 
 
 @pytest.fixture(autouse=True)
@@ -79,7 +79,7 @@ def _message(cfg, data_dir, rnd, arrays=None):
 def _spend(cfg, data_dir):
     store = Store(data_dir / "store.db", load_key(data_dir / "store.key"))
     try:
-        plan = stream_plan(cfg.privacy, cfg.training, rounds=cfg.federation.rounds)
+        plan = run_plan(cfg)
         return store.spend(), host_epsilon(store, plan), plan
     finally:
         store.close()
@@ -97,10 +97,23 @@ def test_round_reply_and_committed_spend(setup):
     info = reply.content.config_records["info"]
     assert info["host"] == "host-a" and info["layout"] == layout_id(shapes)
     metrics = reply.content.metric_records["metrics"]
-    assert metrics["num-examples"] == coarse_count(n)
+    # The example count comes from the noisy counts (sigma 10), not from n itself.
+    assert isinstance(metrics["num-examples"], int)
+    assert 0 < metrics["num-examples"] and abs(metrics["num-examples"] - n) < 50
+    assert metrics["drift-score"] == 0.0 and metrics["drift-event"] == 0
     spend, eps, plan = _spend(cfg, data_dir)
-    assert spend == [(1, 1, n)]  # every record: eligible once, counted once
-    assert metrics["epsilon"] == pytest.approx(eps) == pytest.approx(plan.epsilon(1, 1))
+    # Every record: eligible once, counted once, and (all fresh, fewer than the
+    # drift sample cap) charged the drift release as query_weight more counts.
+    k = cfg.drift.query_weight
+    assert spend == [(1, 1 + k, n)]
+    assert metrics["epsilon"] == pytest.approx(eps)
+    assert eps == pytest.approx(plan.epsilon(1, 1 + k))
+    store = Store(data_dir / "store.db", load_key(data_dir / "store.key"))
+    try:
+        state = store.meta_json("drift_state")
+    finally:
+        store.close()
+    assert state["rounds"] == 1 and state["baseline"] is not None
 
 
 def test_host_over_budget_refuses_and_says_so_even_after_restart(setup):
@@ -109,7 +122,7 @@ def test_host_over_budget_refuses_and_says_so_even_after_restart(setup):
         msg, ctx, _ = _message(cfg, data_dir, rnd)
         assert not train(msg, ctx).has_error()
     spend, eps, _ = _spend(cfg, data_dir)
-    assert spend == [(2, 2, n)] and 2.95 <= eps <= 3.0
+    assert spend == [(2, 2 + cfg.drift.query_weight, n)] and 2.95 <= eps <= 3.0
     client.host._MODELS.clear()  # a restarted host process
     msg, ctx, _ = _message(cfg, data_dir, 3)
     reply = train(msg, ctx)

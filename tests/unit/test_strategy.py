@@ -105,3 +105,81 @@ def test_fp16_and_fp32_updates_are_both_accepted(dtype):
     arrays, _ = strat.aggregate_train(1, [_reply(1, "h", _delta(g, 0.5, dtype))])
     for k in g:
         np.testing.assert_allclose(arrays[k].numpy(), g[k] + 0.5, atol=1e-3)
+
+
+# -- weighting policies -----------------------------------------------------------
+def _updates(scores, n=(64, 128, 96, 32), seed=0, scale=None):
+    from server.policies import HostUpdate
+
+    rng = np.random.default_rng(seed)
+    common = rng.normal(size=40)
+    out = []
+    for i, (s, k) in enumerate(zip(scores, n, strict=True)):
+        flat = common + 0.5 * rng.normal(size=40)
+        if scale and i in scale:
+            flat = flat * scale[i]
+        delta = OrderedDict([("a", flat[:24].reshape(4, 6)), ("b", flat[24:])])
+        out.append(HostUpdate(f"h{i}", delta, float(k), drift_score=s))
+    return out
+
+
+@pytest.mark.parametrize("score", [0.0, 0.4, 1.0])
+def test_drift_policy_with_equal_scores_and_no_outliers_is_exactly_fedavg(score):
+    from common.config import AggregationConfig
+    from server.policies import DriftPolicy, FedAvgPolicy
+
+    updates = _updates([score] * 4)
+    drift = DriftPolicy(AggregationConfig(policy="drift")).weigh(updates)
+    fedavg = FedAvgPolicy(AggregationConfig()).weigh(updates)
+    assert drift.weights == fedavg.weights
+    assert drift.damped == {} and drift.scale == {}
+
+
+def test_drift_policy_boosts_drifting_hosts_and_damps_a_huge_update():
+    from common.config import AggregationConfig
+    from server.policies import DriftPolicy
+
+    cfg = AggregationConfig(policy="drift", drift_boost=2.0)
+    w = DriftPolicy(cfg).weigh(_updates([1.0, 0.0, 0.0, 0.0], n=(64, 64, 64, 64)))
+    assert w.weights["h0"] == pytest.approx(3 * w.weights["h1"])
+    huge = DriftPolicy(cfg).weigh(_updates([0.0] * 4, scale={2: 1000.0}))
+    assert "h2" in huge.damped and "norm" in huge.damped["h2"]
+    assert huge.scale["h2"] < 0.01
+    flipped = DriftPolicy(cfg).weigh(_updates([0.0] * 4, scale={3: -1.0}))
+    assert flipped.weights["h3"] == 0.0 and "cosine" in flipped.damped["h3"]
+
+
+def test_strategy_under_drift_policy_rejects_nan_damps_huge_and_goes_on():
+    from common.config import AggregationConfig
+    from server.policies import DriftPolicy
+
+    g = _global()
+    strat = AdapterFedAvg(
+        global_arrays=g,
+        base_config={},
+        policy=DriftPolicy(AggregationConfig(policy="drift")),
+    )
+    nan = {k: v.copy() for k, v in g.items()}
+    nan["b.lora_B.weight"][1, 1] = np.inf
+    replies = [
+        _reply(1, "h1", _delta(g, 0.01)),
+        _reply(2, "h2", _delta(g, 0.012)),
+        _reply(3, "h3", _delta(g, 0.011)),
+        _reply(4, "huge", _delta(g, 50.0)),
+        _reply(5, "nan", encode_delta(nan, g, "float32")),
+    ]
+    arrays, _ = strat.aggregate_train(1, replies)
+    assert "NaN/Inf" in strat.outcome.rejected["nan"]
+    assert "norm" in strat.outcome.damped["huge"]
+    assert set(strat.outcome.weights) == {"h1", "h2", "h3", "huge"}
+    moved = max(float(np.abs(arrays[k].numpy() - g[k]).max()) for k in g)
+    assert moved < 0.05  # the huge update was scaled down to 3x the median norm
+
+
+def test_unknown_policy_is_a_config_error_naming_the_field():
+    from common.config import AggregationConfig
+    from common.errors import ConfigError
+    from server.policies import make_policy
+
+    with pytest.raises(ConfigError, match=r"aggregation\.policy.*drift, fedavg"):
+        make_policy(AggregationConfig(policy="fedmagic"))
