@@ -154,9 +154,9 @@ class DriftPolicy(Policy):
                 denom = float(np.linalg.norm(rest) * np.linalg.norm(flats[u.name]))
                 cos = float(rest @ flats[u.name]) / denom if denom > 0 else 1.0
                 if cos < cfg.min_cosine:
-                    factor = max(0.0, (cos - low) / (cfg.min_cosine - low))
-                    raw[u.name] *= factor
-                    note = f"cosine {cos:.3f} < {cfg.min_cosine}: weight x {factor:.2f}"
+                    damp = max(0.0, (cos - low) / (cfg.min_cosine - low))
+                    raw[u.name] *= damp
+                    note = f"cosine {cos:.3f} < {cfg.min_cosine}: weight x {damp:.2f}"
                     damped[u.name] = (
                         f"{damped[u.name]}; {note}" if u.name in damped else note
                     )

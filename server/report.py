@@ -1,4 +1,5 @@
-"""``report.png``: held-out perplexity per domain, epsilon per host, bytes per host."""
+"""``report.png``: held-out perplexity per domain, epsilon per host, bytes per host,
+and each host's drift score, drift events and aggregation weight."""
 
 from __future__ import annotations
 
@@ -23,8 +24,8 @@ def write_report(folder: RunFolder, *, epsilon_budget: float | None = None) -> N
     import matplotlib.pyplot as plt
     from matplotlib.ticker import MaxNLocator
 
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
-    ax_ppl, ax_eps, ax_bytes = axes
+    fig, axes = plt.subplots(1, 4, figsize=(20, 4.2))
+    ax_ppl, ax_eps, ax_bytes, ax_drift = axes
 
     domains = sorted({d for ln in lines for d in ln.get("heldout", {})})
     for d in domains:
@@ -70,6 +71,27 @@ def write_report(folder: RunFolder, *, epsilon_budget: float | None = None) -> N
     ax_bytes.set(title="Update size sent per host", xlabel="round", ylabel="KiB")
     if senders:
         ax_bytes.legend(fontsize=8, loc="lower right")
+    weighed = [ln for ln in lines if ln.get("weights")]
+    for i, h in enumerate(sorted({h for ln in weighed for h in ln["weights"]})):
+        color = f"C{i % 10}"
+        pts = [(ln["round"], ln["weights"][h]) for ln in weighed if h in ln["weights"]]
+        ax_drift.plot(*zip(*pts, strict=True), color=color, marker="o", label=h)
+        pts = [
+            (ln["round"], ln["drift"][h]) for ln in weighed if h in ln.get("drift", {})
+        ]
+        if pts:
+            ax_drift.plot(*zip(*pts, strict=True), color=color, linestyle=":")
+        events = [ln["round"] for ln in weighed if h in ln.get("drift_events", [])]
+        ax_drift.scatter(events, [1.02] * len(events), color=color, marker="v", s=60)
+    policy = next((ln["policy"] for ln in reversed(weighed) if "policy" in ln), "")
+    ax_drift.set(
+        title=f"Weight ({policy}, solid), drift score (dotted), events (v)",
+        xlabel="round",
+        ylabel="weight / score",
+    )
+    ax_drift.set_ylim(0, 1.08)
+    if weighed:
+        ax_drift.legend(fontsize=8, loc="upper left")
     for ax in axes:
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
 

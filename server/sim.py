@@ -224,6 +224,17 @@ class _Console:
             f" | held-out ppl {_fmt(ppl)}"
             f" | eps max {eps:.2f} | {max(kib, default=0):.0f} KiB/host"
             f" | {line['wall_s']:.0f}s"
+            + (
+                f" | drift events {','.join(line['drift_events'])}"
+                if line.get("drift_events")
+                else ""
+            )
+            + (
+                f" | {line['policy']} weights "
+                + " ".join(f"{w:.2f}" for _, w in sorted(line["weights"].items()))
+                if line.get("policy") and line["policy"] != "fedavg"
+                else ""
+            )
             + (f" | rejected {line['rejected']}" if line.get("rejected") else "")
             + (f" | failed {line['failed']}" if line.get("failed") else "")
         )
@@ -297,7 +308,11 @@ def run(
             f"model {cfg.model.name}, LoRA r={cfg.lora.rank}"
             f"{' FFA' if cfg.lora.ffa else ''}, {dp}\nrun folder: {cfg.out}"
         )
-        for i, c in enumerate(ingested):
+        if cfg.data.scenario is not None:
+            ui.console.print(
+                f"scenario {cfg.data.scenario}: records reach the hosts round by round"
+            )
+        for i, c in enumerate(ingested if cfg.data.scenario is None else []):
             reasons = {
                 k.split(":", 1)[1]: v
                 for k, v in c.items()

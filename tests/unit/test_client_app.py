@@ -99,7 +99,7 @@ def test_round_reply_and_committed_spend(setup):
     metrics = reply.content.metric_records["metrics"]
     # The example count comes from the noisy counts (sigma 10), not from n itself.
     assert isinstance(metrics["num-examples"], int)
-    assert 0 < metrics["num-examples"] and abs(metrics["num-examples"] - n) < 50
+    assert metrics["num-examples"] > 0 and abs(metrics["num-examples"] - n) < 50
     assert metrics["drift-score"] == 0.0 and metrics["drift-event"] == 0
     spend, eps, plan = _spend(cfg, data_dir)
     # Every record: eligible once, counted once, and (all fresh, fewer than the

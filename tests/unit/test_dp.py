@@ -266,3 +266,26 @@ def test_lean_mode_refuses_non_linear_trainable_tensors():
     )
     with pytest.raises(TrainingError, match="hooks"):
         LinearGradSampler(model)
+
+
+def test_proximal_term_pulls_the_update_toward_the_global_adapter():
+    """FedProx on hosts: with mu > 0 the same seeded DP run ends closer to the
+    adapter it started from."""
+    from common.adapter import load_trainable_state
+
+    cfg, model, data = _setup(learning_rate=0.1, sample_rate=0.3, local_steps=3)
+    start = trainable_state(model)
+    dist = {}
+    for mu in (0.0, 2.0):
+        load_trainable_state(model, start)
+        res = train_local(
+            model,
+            data,
+            training=cfg.training,
+            privacy=cfg.privacy,
+            noise_multiplier=1.0,
+            seed=3,
+            proximal_mu=mu,
+        )
+        dist[mu] = float(np.linalg.norm(_flat(res.arrays) - _flat(start)))
+    assert 0 < dist[2.0] < 0.9 * dist[0.0]

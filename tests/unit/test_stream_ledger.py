@@ -133,3 +133,36 @@ def test_eligibility_does_not_depend_on_other_groups(tmp_path):
         if r.content["label"] == "x"
     }
     assert xa == xb and xa
+
+
+def test_drift_release_is_charged_to_the_drift_sample_as_k_counts(tmp_path):
+    """The drift release (noise count_noise / sqrt(k)) costs a sampled record
+    exactly k count queries: checked against Opacus with the real sigma."""
+    import math
+
+    k = 16
+    store = _store(tmp_path)
+    _fill(store, 300, "a")
+    settings = WindowSettings(fresh_cap=1000, replay_cap=1000)
+    sel = select_round(
+        store, PLAN, settings, round_num=1, secret=SECRET, drift_weight=k, drift_cap=50
+    )
+    assert set(sel.drift) <= set(sel.eligible)
+    # About drift_cap records, chosen by their own coins (rate from noisy counts).
+    assert 20 <= len(sel.drift) <= 90 and sel.drift_expected == pytest.approx(50, 0.3)
+    spend = {(m, c): n for m, c, n in store.spend()}
+    assert spend == {(1, 1 + k): len(sel.drift), (1, 1): 300 - len(sel.drift)}
+    acc = RDPAccountant()
+    for _ in range(PLAN.steps_per_round):
+        acc.step(noise_multiplier=PLAN.noise_multiplier, sample_rate=PLAN.sample_rate)
+    acc.step(noise_multiplier=PLAN.count_noise, sample_rate=1.0)
+    acc.step(noise_multiplier=PLAN.count_noise / math.sqrt(k), sample_rate=1.0)
+    assert host_epsilon(store, PLAN) == pytest.approx(
+        acc.get_epsilon(PLAN.delta), rel=1e-9
+    )
+    # Next round the same records are replay, not fresh: no drift charge again.
+    sel2 = select_round(
+        store, PLAN, settings, round_num=2, secret=SECRET, drift_weight=k, drift_cap=50
+    )
+    assert sel2.drift == []
+    store.close()
