@@ -127,6 +127,7 @@ def status_dict(cfg: AgentConfig, store: Store) -> dict[str, Any]:
         epsilon = max((stream.epsilon(m, c) for m, c, _ in store.spend()), default=0.0)
         budget = stream.record_budget
     live = store.count()
+    drift = store.meta_json("drift_state") or {}
     return {
         "received": counters.get("received", 0),
         "stored": counters.get("stored", 0),
@@ -149,6 +150,8 @@ def status_dict(cfg: AgentConfig, store: Store) -> dict[str, Any]:
         "epsilon_budget": budget,
         "epsilon_left": None if budget is None else max(budget - epsilon, 0.0),
         "can_train": live > 0,
+        "drift_score": (drift.get("last") or {}).get("score", 0.0),
+        "drift_events": drift.get("events", []),
         "bytes_used": store.bytes_used(),
         "bytes_quota": cfg.store.quota_bytes,
     }

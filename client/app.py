@@ -161,7 +161,9 @@ def _train(msg: Message, context: Context) -> Message:
             "plan", dataclasses.asdict(plan) | {"dp": cfg.privacy.enabled}
         )
         store.set_meta_json(
-            "last_selection", dataclasses.asdict(sel) | {"eligible": len(sel.eligible)}
+            "last_selection",
+            dataclasses.asdict(sel)
+            | {"eligible": len(sel.eligible), "drift": len(sel.drift)},
         )
         if not sel.eligible:
             if sel.live == 0 and store.count(live=False) > 0:

@@ -14,7 +14,11 @@ per-record accounting of ``common.privacy.StreamPlan`` holds:
    bounded by ``fresh_cap + groups x replay_cap`` however long the stream runs.
 3. Coins. A record is eligible when its own keyed coin HMAC(secret, seq, round) falls
    below its rate: independent of every other record.
-4. Budget. A record that could not afford this round (its epsilon after one more
+4. Drift sample. An eligible fresh record joins the drift sample when a second keyed
+   coin falls below ``min(1, drift_cap / expected eligible fresh)`` (from the noisy
+   count) and it can afford ``drift_weight`` more count queries, which it is charged
+   (the drift release, ``common.drift``).
+5. Budget. A record that could not afford this round (its epsilon after one more
    eligible round would pass the per-record budget) is not eligible; one that cannot
    afford even being counted again retires for good.
 
