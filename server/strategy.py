@@ -155,6 +155,12 @@ class AdapterFedAvg(FedAvg):
         outcome.drift = {u.name: u.drift_score for u in updates}
         outcome.drift_events = [u.name for u in updates if u.drift_event]
         outcome.damped = weighing.damped
+        if outcome.drift_events:
+            log.warning(
+                "Round %s: drift events from %s",
+                outcome.round,
+                ", ".join(outcome.drift_events),
+            )
         for host, why in weighing.damped.items():
             log.warning("Round %s: damped update from %s: %s", outcome.round, host, why)
         log.info(
