@@ -76,7 +76,9 @@ class _Checked:
 
 
 def normalise(text: str) -> str:
-    return _SPACE.sub(" ", text).strip().lower()
+    # str.split() and the regex \s agree on whitespace: " ".join(split()) is
+    # _SPACE.sub(" ", text).strip(), without a replacement per space.
+    return " ".join(text.split()).lower()
 
 
 def _depth(obj: Any) -> int:
@@ -154,17 +156,20 @@ class Gate:
                 except json.JSONDecodeError:
                     return Rejected("invalid_json")
         else:
-            obj = raw
+            obj, exact = raw, False
         if not isinstance(obj, dict):
             return Rejected("not_an_object")
         if _depth(obj) > s.max_depth:
             return Rejected("too_deep")
-        unknown = sorted(set(obj) - _FIELDS)
-        if unknown:
+        if not _FIELDS.issuperset(obj):
+            unknown = sorted(set(obj) - _FIELDS)
             return Rejected(f"unknown_field:{unknown[0][:40]}")
-        return self._fields(obj)
+        # orjson refuses lone surrogates: what it parsed needs no surrogate check.
+        return self._fields(obj, check_surrogates=not exact)
 
-    def _fields(self, obj: dict[str, Any]) -> _Checked | Rejected:
+    def _fields(
+        self, obj: dict[str, Any], *, check_surrogates: bool
+    ) -> _Checked | Rejected:
         s = self.settings
         text, prompt, response = obj.get("text"), obj.get("prompt"), obj.get("response")
         if text is not None and (prompt is not None or response is not None):
@@ -181,13 +186,13 @@ class Gate:
         for name, value in parts.items():
             if not isinstance(value, str):
                 return Rejected(f"schema:{name}_not_string")
-            if _SURROGATE.search(value):
+            if check_surrogates and _SURROGATE.search(value):
                 return Rejected("invalid_unicode")
             size += len(value.encode("utf-8"))
             if size > s.max_text_bytes:
                 return Rejected("too_large")
             value = unicodedata.normalize("NFC", _CONTROL.sub("", value))
-            if not value.strip():
+            if not value or value.isspace():
                 return Rejected("empty")
             content[name] = value  # scrubbed in finish(), once the batch is checked
         for name in ("label", "id"):
@@ -198,7 +203,11 @@ class Gate:
                 value = str(value)
             if not isinstance(value, str):
                 return Rejected(f"schema:{name}_not_string")
-            if not value or len(value) > s.max_field_chars or _SURROGATE.search(value):
+            if (
+                not value
+                or len(value) > s.max_field_chars
+                or (check_surrogates and _SURROGATE.search(value))
+            ):
                 return Rejected(f"schema:{name}_invalid")
             content[name] = value
         tags = obj.get("tags")
@@ -208,7 +217,7 @@ class Gate:
             if not all(
                 isinstance(t, str)
                 and 0 < len(t) <= s.max_field_chars
-                and not _SURROGATE.search(t)
+                and not (check_surrogates and _SURROGATE.search(t))
                 for t in tags
             ):
                 return Rejected("schema:tags_invalid")

@@ -48,7 +48,7 @@ def shingles(key_text: str) -> list[str]:
     w = _PUNCT.sub(" ", key_text).split()
     if len(w) < 3:
         return [" ".join(w)]
-    return [f"{a} {b} {c}" for a, b, c in zip(w, w[1:], w[2:], strict=False)]
+    return list(map(" ".join, zip(w, w[1:], w[2:], strict=False)))
 
 
 class NearDuplicates:

@@ -63,14 +63,19 @@ _KV = re.compile(r"(?i)^[a-z_-]+[\"']?\s*[:=]\s*[\"']?")
 # What every match of a built-in pattern contains (index into BUILTIN). Literal facts
 # are exact substrings of the pattern, outside any case-insensitive part.
 _LITERAL = {0: "-----BEGIN ", 1: "AKIA", 2: "gh", 3: "xox", 4: "sk-", 5: "eyJ", 7: "@"}
+_EMAIL = 7
 _KEY_VALUE, _IBAN, _CARD, _IPV4, _IPV6, _PHONE = 6, 8, 9, 10, 11, 12
 # Stems of the key words of the key = value pattern, for ASCII text only: under
 # IGNORECASE Python also matches a few non-ASCII letters (U+017F, U+212A, U+0131).
 _KV_STEMS = ("pass", "pwd", "secret", "api", "token")
+# Where a match can start, in ASCII text: CARD, IPv4 and PHONE at a digit, "+" or
+# "("; EMAIL inside the run of local-part characters just before an "@".
+_STARTS_KNOWN = {_EMAIL, _CARD, _IPV4, _PHONE}
+_DIGIT_START = re.compile(r"[0-9+(]")
+_EMAIL_RUN = re.compile(r"[A-Za-z0-9._%+-]+@")
 _IBAN_HINT = re.compile(r"[A-Z]{2}\d{2}")
-_CARD_HINT = re.compile(r"\d(?:[ -]?\d){12}")
-_IPV4_HINT = re.compile(r"\d\.\d{1,3}\.\d{1,3}\.\d")
-_PHONE_HINT = re.compile(r"\d[ .()-]{0,3}\d[ .()-]{0,3}\d")
+_ANY_DIGIT = re.compile(r"\d")
+_SEPARATOR = re.compile(r"[ .\-()]")
 # A replaced PHONE or CARD (checksums and digit counts) holds >= 9 digits, at most
 # three of ")", "(", " ", ".", "-" apart; an IPv4 address is always replaced.
 _REPLACEABLE_DIGITS = re.compile(r"\d(?:\.\d{1,3}\.\d{1,3}\.\d|(?:[ .()-]{0,3}\d){8})")
@@ -193,12 +198,8 @@ class Scrubber:
             keep.append(e + _IBAN)
         if not keep and not _REPLACEABLE_DIGITS.search(text):
             return None  # at most unreplaced PHONE/CARD candidates
-        if _CARD_HINT.search(text):
-            keep.append(e + _CARD)
-        if _IPV4_HINT.search(text):
-            keep.append(e + _IPV4)
-        if _PHONE_HINT.search(text):
-            keep.append(e + _PHONE)
+        if _ANY_DIGIT.search(text):  # CARD, IPv4, PHONE need one; kept, matching or not
+            keep += (e + _CARD, e + _IPV4, e + _PHONE)
         return tuple(sorted(keep)) if keep else None
 
     def scrub_many(self, texts: list[str]) -> list[Scrubbed]:
@@ -235,9 +236,23 @@ class Scrubber:
         keep = self._possible(text)
         if keep is None:
             return Scrubbed(text, Counter())
-        return self._scrub(text, self._alternation(keep))
+        e = self.n_extra
+        starts = None
+        known = keep[0] >= e and all(i - e in _STARTS_KNOWN for i in keep)
+        if known and text.isascii():
+            starts = [m.start() for m in _DIGIT_START.finditer(text)]
+            if keep[0] == e + _EMAIL:
+                for m in _EMAIL_RUN.finditer(text):
+                    starts.extend(range(m.start(), m.end() - 1))
+                starts = sorted(set(starts))
+        return self._scrub(text, self._alternation(keep), starts=starts)
 
-    def _scrub(self, text: str, regex: re.Pattern[str]) -> Scrubbed:
+    def _scrub(
+        self, text: str, regex: re.Pattern[str], *, starts: list[int] | None = None
+    ) -> Scrubbed:
+        """``regex.sub`` with the placeholders. ``starts``: every position where a
+        match can start; only those are tried (the same matches: ``match`` at a
+        position sees the text before it, as ``sub`` does)."""
         counts: Counter[str] = Counter()
 
         def replace(match: re.Match[str]) -> str:
@@ -253,11 +268,24 @@ class Scrubber:
             key = _KV.match(value) if name == "SECRET" else None
             return f"{key.group(0)}[{name}]" if key else f"[{name}]"
 
-        return Scrubbed(regex.sub(replace, text), counts)
+        if starts is None:
+            return Scrubbed(regex.sub(replace, text), counts)
+        out: list[str] = []
+        done = 0
+        match = regex.match
+        for at in starts:
+            if at < done:
+                continue
+            found = match(text, at)
+            if found is not None:
+                out += (text[done:at], replace(found))
+                done = found.end()  # these patterns never match empty
+        out.append(text[done:])
+        return Scrubbed("".join(out), counts)
 
     @staticmethod
     def _valid(name: str, value: str) -> bool:
-        digits = "".join(ch for ch in value if ch.isdigit())
+        digits = "".join(filter(str.isdigit, value))
         if name == "CARD":
             return 13 <= len(digits) <= 19 and luhn_ok(digits)
         if name == "IBAN":
@@ -266,4 +294,4 @@ class Scrubber:
         # (ticket numbers, amounts): those stay.
         if not 9 <= len(digits) <= 15:
             return False
-        return value.startswith("+") or any(ch in value for ch in " .-()")
+        return value.startswith("+") or _SEPARATOR.search(value) is not None

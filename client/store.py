@@ -243,9 +243,13 @@ class Store:
         now = time.time()
         rows = []
         nonces = os.urandom(12 * len(batch.records))  # one random 96-bit nonce each
-        seal = self._seal
+        encrypt, dumps = self._aead.encrypt, orjson.dumps
         for i, (rid, chash, grp, ts, content) in enumerate(batch.records):
-            nonce, payload = seal(content, rid, nonces[12 * i : 12 * i + 12])
+            nonce = nonces[12 * i : 12 * i + 12]
+            try:
+                payload = encrypt(nonce, dumps(content), rid)
+            except TypeError:  # what orjson refuses, json may write: as _seal
+                nonce, payload = self._seal(content, rid, nonce)
             rows.append((rid, chash, grp, now, ts or now, len(payload), nonce, payload))
         qrows = []
         for reason, source, raw in batch.quarantine:
