@@ -152,3 +152,16 @@ def test_batch_screen_gives_exactly_the_full_alternation():
             for text, got in zip(chunk, scrubber.scrub_many(chunk), strict=True):
                 want = scrubber._scrub(text, scrubber.regex)
                 assert (got.text, got.counts) == (want.text, want.counts), text
+
+
+def test_json_edge_cases_keep_their_verdicts():
+    """The fast parser falls back to json where the two differ."""
+    gate = Gate()
+    big = gate.inspect(b'{"text": "hello there", "id": 123456789012345678901234567890}')
+    assert (
+        isinstance(big, Clean) and big.content["id"] == "123456789012345678901234567890"
+    )
+    assert gate.inspect(b'{"text": "x", "ts": NaN}') == Rejected("schema:ts_invalid")
+    assert gate.inspect(b'{"text": "a \\ud800 b"}') == Rejected("invalid_unicode")
+    assert gate.inspect(b'{"text": "\xff"}') == Rejected("invalid_utf8")
+    assert gate.inspect({"text": "a \ud800 b"}) == Rejected("invalid_unicode")
