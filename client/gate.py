@@ -13,10 +13,13 @@ import math
 import re
 import unicodedata
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from client.pii import Scrubber
+import orjson
+
+from client.pii import Scrubbed, Scrubber
 
 __all__ = ["Clean", "Gate", "GateSettings", "Rejected", "normalise"]
 
@@ -49,8 +52,33 @@ class Rejected:
     reason: str
 
 
+@dataclass
+class _Checked:
+    """An input that passed every check; its text still to be scrubbed."""
+
+    content: dict[str, Any]
+    parts: tuple[str, ...]  # ("text",) or ("prompt", "response")
+    ts: float
+
+    @property
+    def texts(self) -> list[str]:
+        return [self.content[k] for k in self.parts]
+
+    def finish(self, scrubbed: Iterator[Scrubbed]) -> Clean:
+        pii: Counter[str] = Counter()
+        for name in self.parts:
+            done = next(scrubbed)
+            if done.counts:
+                pii.update(done.counts)
+            self.content[name] = done.text
+        key_text = normalise("\n".join(self.content[k] for k in self.parts))
+        return Clean(content=self.content, ts=self.ts, key_text=key_text, pii=pii)
+
+
 def normalise(text: str) -> str:
-    return _SPACE.sub(" ", text).strip().lower()
+    # str.split() and the regex \s agree on whitespace: " ".join(split()) is
+    # _SPACE.sub(" ", text).strip(), without a replacement per space.
+    return " ".join(text.split()).lower()
 
 
 def _depth(obj: Any) -> int:
@@ -74,6 +102,29 @@ class Gate:
 
     def inspect(self, raw: bytes | dict[str, Any]) -> Clean | Rejected:
         """Never raises: a malformed input comes back as ``Rejected(reason)``."""
+        return self.inspect_many([raw])[0]
+
+    def inspect_many(
+        self, raws: list[bytes | dict[str, Any]]
+    ) -> list[Clean | Rejected]:
+        """``inspect`` of each input; PII is screened for the whole batch at once."""
+        checked = [self._checked(raw) for raw in raws]
+        texts = [text for c in checked if isinstance(c, _Checked) for text in c.texts]
+        try:
+            scrubbed = iter(self.scrubber.scrub_many(texts))
+            return [
+                c if isinstance(c, Rejected) else c.finish(scrubbed) for c in checked
+            ]
+        except Exception:  # find the input at fault: it alone gets the reason
+            return [c if isinstance(c, Rejected) else self._finish(c) for c in checked]
+
+    def _finish(self, checked: _Checked) -> Clean | Rejected:
+        try:
+            return checked.finish(iter(self.scrubber.scrub_many(checked.texts)))
+        except Exception as err:
+            return Rejected(f"gate_error:{type(err).__name__}")
+
+    def _checked(self, raw: bytes | dict[str, Any]) -> _Checked | Rejected:
         try:
             return self._inspect(raw)
         except RecursionError:
@@ -81,32 +132,44 @@ class Gate:
         except Exception as err:
             return Rejected(f"gate_error:{type(err).__name__}")
 
-    def _inspect(self, raw: bytes | dict[str, Any]) -> Clean | Rejected:
+    def _inspect(self, raw: bytes | dict[str, Any]) -> _Checked | Rejected:
         s = self.settings
         if isinstance(raw, (bytes, bytearray, memoryview)):
             raw = bytes(raw)
             if len(raw) > s.max_raw_bytes:
                 return Rejected("too_large")
             try:
-                decoded = raw.decode("utf-8")
-            except UnicodeDecodeError:
-                return Rejected("invalid_utf8")
-            try:
-                obj = json.loads(decoded)
-            except json.JSONDecodeError:
-                return Rejected("invalid_json")
+                obj = orjson.loads(raw)
+                # orjson reads integers past 64 bits as floats; json keeps them.
+                exact = not isinstance(obj, dict) or not isinstance(
+                    obj.get("id"), float
+                )
+            except orjson.JSONDecodeError:  # also bad UTF-8, NaN, 1e400, depth
+                exact = False
+            if not exact:
+                try:
+                    decoded = raw.decode("utf-8")
+                except UnicodeDecodeError:
+                    return Rejected("invalid_utf8")
+                try:
+                    obj = json.loads(decoded)
+                except json.JSONDecodeError:
+                    return Rejected("invalid_json")
         else:
-            obj = raw
+            obj, exact = raw, False
         if not isinstance(obj, dict):
             return Rejected("not_an_object")
         if _depth(obj) > s.max_depth:
             return Rejected("too_deep")
-        unknown = sorted(set(obj) - _FIELDS)
-        if unknown:
+        if not _FIELDS.issuperset(obj):
+            unknown = sorted(set(obj) - _FIELDS)
             return Rejected(f"unknown_field:{unknown[0][:40]}")
-        return self._fields(obj)
+        # orjson refuses lone surrogates: what it parsed needs no surrogate check.
+        return self._fields(obj, check_surrogates=not exact)
 
-    def _fields(self, obj: dict[str, Any]) -> Clean | Rejected:
+    def _fields(
+        self, obj: dict[str, Any], *, check_surrogates: bool
+    ) -> _Checked | Rejected:
         s = self.settings
         text, prompt, response = obj.get("text"), obj.get("prompt"), obj.get("response")
         if text is not None and (prompt is not None or response is not None):
@@ -119,22 +182,19 @@ class Gate:
             else {"prompt": prompt, "response": response}
         )
         content: dict[str, Any] = {}
-        pii: Counter[str] = Counter()
         size = 0
         for name, value in parts.items():
             if not isinstance(value, str):
                 return Rejected(f"schema:{name}_not_string")
-            if _SURROGATE.search(value):
+            if check_surrogates and _SURROGATE.search(value):
                 return Rejected("invalid_unicode")
             size += len(value.encode("utf-8"))
             if size > s.max_text_bytes:
                 return Rejected("too_large")
             value = unicodedata.normalize("NFC", _CONTROL.sub("", value))
-            if not value.strip():
+            if not value or value.isspace():
                 return Rejected("empty")
-            scrubbed = self.scrubber.scrub(value)
-            pii.update(scrubbed.counts)
-            content[name] = scrubbed.text
+            content[name] = value  # scrubbed in finish(), once the batch is checked
         for name in ("label", "id"):
             value = obj.get(name)
             if value is None:
@@ -143,7 +203,11 @@ class Gate:
                 value = str(value)
             if not isinstance(value, str):
                 return Rejected(f"schema:{name}_not_string")
-            if not value or len(value) > s.max_field_chars or _SURROGATE.search(value):
+            if (
+                not value
+                or len(value) > s.max_field_chars
+                or (check_surrogates and _SURROGATE.search(value))
+            ):
                 return Rejected(f"schema:{name}_invalid")
             content[name] = value
         tags = obj.get("tags")
@@ -153,7 +217,7 @@ class Gate:
             if not all(
                 isinstance(t, str)
                 and 0 < len(t) <= s.max_field_chars
-                and not _SURROGATE.search(t)
+                and not (check_surrogates and _SURROGATE.search(t))
                 for t in tags
             ):
                 return Rejected("schema:tags_invalid")
@@ -165,5 +229,4 @@ class Gate:
             or not (math.isfinite(ts) and 0 <= ts < 1e11)
         ):
             return Rejected("schema:ts_invalid")
-        key_text = normalise("\n".join(content[k] for k in parts))
-        return Clean(content=content, ts=float(ts), key_text=key_text, pii=pii)
+        return _Checked(content, tuple(parts), float(ts))

@@ -20,12 +20,10 @@ from __future__ import annotations
 import json
 import re
 import threading
-from collections import OrderedDict, defaultdict
-from dataclasses import dataclass
-from typing import Any
+from collections import OrderedDict
+from typing import Any, NamedTuple
 
-import numpy as np
-from rensa import RMinHash
+from rensa import RMinHash, RMinHashLSH
 
 from client.gate import Clean, Gate, Rejected, normalise
 from client.store import Batch, Store
@@ -36,15 +34,30 @@ STORED, DUPLICATE, QUARANTINED = "STORED", "DUPLICATE", "QUARANTINED"
 _PUNCT = re.compile(r"[^\w\s]+")
 
 
-@dataclass(frozen=True)
-class Ack:
+class Ack(NamedTuple):
     status: str
     reason: str = ""
     seq: int = 0
 
 
+_ALREADY_STORED = Ack(DUPLICATE, "already stored")
+
+
+def shingles(key_text: str) -> list[str]:
+    """Word 3-grams ("costs." and "costs" are one word); the whole text if shorter."""
+    w = _PUNCT.sub(" ", key_text).split()
+    if len(w) < 3:
+        return [" ".join(w)]
+    return list(map(" ".join, zip(w, w[1:], w[2:], strict=False)))
+
+
 class NearDuplicates:
-    """Banded MinHash LSH over the last ``horizon`` records."""
+    """Banded MinHash LSH over the last ``horizon`` records (rensa, Rust).
+
+    Sketches are computed a batch at a time and stay native objects; a record is a
+    near-duplicate when it shares a band with a kept record whose sketch agrees with
+    its own in at least ``threshold`` of the permutations.
+    """
 
     def __init__(
         self,
@@ -60,65 +73,49 @@ class NearDuplicates:
         self.horizon = horizon
         self.threshold = threshold
         self.num_perm = num_perm
-        self.rows = num_perm // bands
         self.seed = seed
-        self.sketches: OrderedDict[int, np.ndarray] = OrderedDict()
-        self.buckets: dict[tuple[int, bytes], set[int]] = defaultdict(set)
+        self.lsh = RMinHashLSH(threshold, num_perm, bands)
+        self.sketches: OrderedDict[int, RMinHash] = OrderedDict()
+        self._next = 0  # index keys: insertion order, never reused
 
-    def sketch(self, key_text: str) -> np.ndarray:
-        words = _PUNCT.sub(" ", key_text).split()  # "costs." and "costs" are one word
-        grams = [" ".join(words[i : i + 3]) for i in range(max(len(words) - 2, 1))]
-        mh = RMinHash(num_perm=self.num_perm, seed=self.seed)
-        mh.update(grams)
-        return np.asarray(mh.digest(), dtype=np.uint32)
+    def sketch_many(self, key_texts: list[str]) -> list[RMinHash]:
+        return RMinHash.from_token_sets(  # type: ignore[no-any-return]
+            [shingles(t) for t in key_texts], self.num_perm, self.seed
+        )
 
-    def _bands(self, sketch: np.ndarray) -> list[tuple[int, bytes]]:
-        raw, width = sketch.tobytes(), self.rows * sketch.itemsize
-        return [(b, raw[b * width : (b + 1) * width]) for b in range(len(raw) // width)]
+    def sketch(self, key_text: str) -> RMinHash:
+        return self.sketch_many([key_text])[0]
 
-    def query(self, sketch: np.ndarray) -> bool:
-        candidates: set[int] = set()
-        for band in self._bands(sketch):
-            found = self.buckets.get(band)
-            if found:
-                candidates |= found
-        if not candidates:
-            return False
-        pool = np.stack([self.sketches[c] for c in candidates])  # (k, num_perm)
-        return bool((pool == sketch).mean(axis=1).max() >= self.threshold)
+    def query(self, sketch: RMinHash) -> bool:
+        sketches, threshold = self.sketches, self.threshold
+        return any(
+            sketch.jaccard(sketches[c]) >= threshold for c in self.lsh.query(sketch)
+        )
 
-    def add(self, key: int, sketch: np.ndarray) -> None:
+    def add(self, sketch: RMinHash) -> int:
+        """Index a sketch; returns its key (for ``remove``)."""
+        key = self._next
+        self._next += 1
         self.sketches[key] = sketch
-        for band in self._bands(sketch):
-            self.buckets[band].add(key)
+        self.lsh.insert(key, sketch)
         while len(self.sketches) > self.horizon:
             self.remove(next(iter(self.sketches)))
-
-    def rekey(self, old: int, new: int) -> None:
-        """Move a sketch to another key (a batch record gets its seq after commit)."""
-        sketch = self.sketches.pop(old)
-        self.sketches[new] = sketch
-        for band in self._bands(sketch):
-            bucket = self.buckets[band]
-            bucket.discard(old)
-            bucket.add(new)
+        return key
 
     def remove(self, key: int) -> None:
-        old = self.sketches.pop(key, None)
-        if old is None:
-            return
-        for band in self._bands(old):
-            bucket = self.buckets.get(band)
-            if bucket is not None:
-                bucket.discard(key)
-                if not bucket:
-                    del self.buckets[band]
+        if self.sketches.pop(key, None) is not None:
+            self.lsh.remove(key)
 
 
 def _raw_bytes(raw: bytes | dict[str, Any]) -> bytes:
     if isinstance(raw, (bytes, bytearray, memoryview)):
         return bytes(raw)
     return json.dumps(raw, default=repr, ensure_ascii=False).encode("utf-8", "replace")
+
+
+def _content_bytes(clean: Clean) -> bytes:
+    obj = {**clean.content, **({"ts": clean.ts} if clean.ts else {})}
+    return json.dumps(obj, ensure_ascii=False).encode()
 
 
 class Ingestor:
@@ -143,13 +140,19 @@ class Ingestor:
         rows = self.store.db.execute(
             "SELECT seq FROM records ORDER BY seq DESC LIMIT ?", (self.near.horizon,)
         ).fetchall()
-        for rec in self.store.iter_records(sorted(r[0] for r in rows)):
-            parts = [
-                rec.content[k]
-                for k in ("text", "prompt", "response")
-                if k in rec.content
-            ]
-            self.near.add(rec.seq, self.near.sketch(normalise("\n".join(parts))))
+        texts = [
+            normalise(
+                "\n".join(
+                    rec.content[k]
+                    for k in ("text", "prompt", "response")
+                    if k in rec.content
+                )
+            )
+            for rec in self.store.iter_records(sorted(r[0] for r in rows))
+        ]
+        for i in range(0, len(texts), 1024):
+            for sketch in self.near.sketch_many(texts[i : i + 1024]):
+                self.near.add(sketch)
 
     def submit(
         self,
@@ -169,74 +172,70 @@ class Ingestor:
         self, items: list[tuple[bytes | dict[str, Any], str]], offsets: dict[str, str]
     ) -> list[Ack]:
         batch = Batch(offsets=dict(offsets))
-        acks: list[Ack | None] = []
+        if items:
+            batch.count("received", len(items))
+        acks: list[Ack | None] = [None] * len(items)
         cleans: list[tuple[int, Clean, bytes, bytes, str, bytes]] = []
-        for raw, source in items:
-            batch.count("received")
-            verdict = self.gate.inspect(raw)
+        h = self.store.keyed_hash
+        groups: dict[str, bytes] = {}
+        verdicts = self.gate.inspect_many([raw for raw, _ in items])
+        for pos, ((raw, source), verdict) in enumerate(
+            zip(items, verdicts, strict=True)
+        ):
             if isinstance(verdict, Rejected):
                 self._quarantine(batch, verdict.reason, source, _raw_bytes(raw))
-                acks.append(Ack(QUARANTINED, verdict.reason))
+                acks[pos] = Ack(QUARANTINED, verdict.reason)
                 continue
-            h = self.store.keyed_hash
+            content = verdict.content
             chash = h(b"c:" + verdict.key_text.encode())
-            rid = (
-                h(b"i:" + verdict.content["id"].encode())
-                if "id" in verdict.content
-                else chash
-            )
-            group = verdict.content.get("label") or next(
-                iter(verdict.content.get("tags", [])), ""
-            )
-            cleans.append(
-                (len(acks), verdict, rid, chash, source, h(b"g:" + group.encode()))
-            )
-            acks.append(None)
+            rid = h(b"i:" + content["id"].encode()) if "id" in content else chash
+            group = content.get("label") or next(iter(content.get("tags", [])), "")
+            grp = groups.get(group)
+            if grp is None:
+                grp = groups[group] = h(b"g:" + group.encode())
+            cleans.append((pos, verdict, rid, chash, source, grp))
 
         known_rids = self.store.known(c[2] for c in cleans)
         known_content = self.store.content_known(c[3] for c in cleans)
+        # Sketched in one native call; the few exact duplicates among them are waste
+        # worth less than a second pass.
+        sketches = self.near.sketch_many([c[1].key_text for c in cleans])
         seen_rids: set[bytes] = set()
         seen_content: set[bytes] = set()
-        pending: list[tuple[int, np.ndarray]] = []
-        for pos, clean, rid, chash, source, grp in cleans:
+        pending: list[tuple[int, int]] = []  # (position, near-dup index key)
+        near = self.near
+        for j, (pos, clean, rid, chash, source, grp) in enumerate(cleans):
             if rid in known_rids or rid in seen_rids:
                 batch.count("duplicates")
-                acks[pos] = Ack(DUPLICATE, "already stored")
+                acks[pos] = _ALREADY_STORED
                 continue
-            raw = json.dumps(
-                {**clean.content, **({"ts": clean.ts} if clean.ts else {})},
-                ensure_ascii=False,
-            ).encode()
             if chash in known_content or chash in seen_content:
-                self._quarantine(batch, "duplicate", source, raw)
+                self._quarantine(batch, "duplicate", source, _content_bytes(clean))
                 acks[pos] = Ack(QUARANTINED, "duplicate")
                 continue
-            sketch = self.near.sketch(clean.key_text)
-            if self.near.query(sketch):
-                self._quarantine(batch, "near_duplicate", source, raw)
+            if near.query(sketches[j]):
+                self._quarantine(batch, "near_duplicate", source, _content_bytes(clean))
                 acks[pos] = Ack(QUARANTINED, "near_duplicate")
                 continue
             seen_rids.add(rid)
             seen_content.add(chash)
-            # Indexed under a temporary key so later records of this batch see it;
-            # replaced by its seq after the commit, removed if the commit fails.
-            self.near.add(-1 - pos, sketch)
+            # Indexed now so later records of this batch see it; removed again if
+            # the commit fails.
+            pending.append((pos, near.add(sketches[j])))
             batch.records.append((rid, chash, grp, clean.ts, clean.content))
-            batch.count("stored")
             for kind, n in clean.pii.items():
                 batch.count(f"pii:{kind}", n)
-            pending.append((pos, sketch))
+        if pending:
+            batch.count("stored", len(pending))
 
         try:
             seqs = self.store.commit(batch)
         except BaseException:
-            for pos, _ in pending:
-                self.near.remove(-1 - pos)
+            for _, key in pending:
+                near.remove(key)
             raise
         for (pos, _), seq in zip(pending, seqs, strict=True):
             acks[pos] = Ack(STORED, "", seq)
-            if -1 - pos in self.near.sketches:  # may have left a small horizon already
-                self.near.rekey(-1 - pos, seq)
         return [a for a in acks if a is not None]
 
     @staticmethod

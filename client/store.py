@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import orjson
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
@@ -197,11 +198,16 @@ class Store:
             ) from None
 
     def keyed_hash(self, data: bytes) -> bytes:
-        return hmac.new(self._mac, data, hashlib.sha256).digest()[:16]
+        return hmac.digest(self._mac, data, "sha256")[:16]
 
-    def _seal(self, obj: dict[str, Any], aad: bytes) -> tuple[bytes, bytes]:
-        nonce = os.urandom(12)
-        blob = json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode()
+    def _seal(
+        self, obj: dict[str, Any], aad: bytes, nonce: bytes | None = None
+    ) -> tuple[bytes, bytes]:
+        nonce = nonce or os.urandom(12)
+        try:
+            blob = orjson.dumps(obj)
+        except TypeError:  # e.g. a lone surrogate: orjson refuses what json writes
+            blob = json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode()
         return nonce, self._aead.encrypt(nonce, blob, aad)
 
     def _open(self, nonce: bytes, payload: bytes, aad: bytes) -> dict[str, Any]:
@@ -236,8 +242,14 @@ class Store:
         """
         now = time.time()
         rows = []
-        for rid, chash, grp, ts, content in batch.records:
-            nonce, payload = self._seal(content, rid)
+        nonces = os.urandom(12 * len(batch.records))  # one random 96-bit nonce each
+        encrypt, dumps = self._aead.encrypt, orjson.dumps
+        for i, (rid, chash, grp, ts, content) in enumerate(batch.records):
+            nonce = nonces[12 * i : 12 * i + 12]
+            try:
+                payload = encrypt(nonce, dumps(content), rid)
+            except TypeError:  # what orjson refuses, json may write: as _seal
+                nonce, payload = self._seal(content, rid, nonce)
             rows.append((rid, chash, grp, now, ts or now, len(payload), nonce, payload))
         qrows = []
         for reason, source, raw in batch.quarantine:
@@ -253,13 +265,16 @@ class Store:
         cur = self.db.cursor()
         cur.execute("BEGIN IMMEDIATE")
         try:
-            for row in rows:
-                cur.execute(
+            if rows:
+                cur.executemany(
                     "INSERT INTO records(rid, chash, grp, arrived, ts, nbytes, nonce, "
                     "payload) VALUES (?,?,?,?,?,?,?,?)",
-                    row,
+                    rows,
                 )
-                seqs.append(int(cur.lastrowid or 0))
+                # AUTOINCREMENT under the write lock: one transaction's rows get
+                # consecutive seqs, ending at the last one inserted.
+                last = int(cur.execute("SELECT last_insert_rowid()").fetchone()[0])
+                seqs = list(range(last - len(rows) + 1, last + 1))
             cur.executemany(
                 "INSERT INTO quarantine(arrived, reason, source, nbytes, nonce, "
                 "payload) VALUES (?,?,?,?,?,?)",

@@ -100,3 +100,68 @@ def test_clean_record_is_repaired_and_scrubbed():
         "id": "7",
     }
     assert verdict.ts == 1700000000 and dict(verdict.pii) == {"CARD": 1, "EMAIL": 1}
+
+
+_PIECES = [
+    *PLANTED.values(),
+    "4111-1111-1111-1112",
+    "GB82 WEST 1234 5698 7654 32",
+    "fe80:0:0:0:0:0:0:1",
+    "ghp_" + "a" * 36,
+    "xoxb-1234567890-abc",
+    "sk-" + "A" * 24,
+    "eyJabcdefgh.ijklmnop.qrstuvwx",
+    "password=hunter22",
+    "PaSSword: 'abcdef'",
+    "paſſword=abcdef",  # long s: IGNORECASE matches it, the ASCII screen cannot
+    "API-KEY=xyz12345",
+    "-----BEGIN RSA PRIVATE KEY-----\nabc\n-----END RSA PRIVATE KEY-----",
+    "(555) 123-4567",
+    "١٢٣ ٤٥٦ ٧٨٩ ٠١٢",  # Arabic-Indic digits are \d too
+    "EMP-123456",
+    "123",
+    "12345678",
+    "1.2.3",
+    "256.1.1.1",
+    "tokenization",
+    "日本",
+    "é",
+    ":::::::",
+    "=",
+    "\x00",
+    "Ticket 78223",
+    "3/3",
+]
+
+
+def test_batch_screen_gives_exactly_the_full_alternation():
+    """The screens only skip work: every text comes out as the one-pass alternation
+    over all patterns makes it, placeholders and counts alike."""
+    import random
+
+    rng = random.Random(7)
+    texts = []
+    for _ in range(3000):
+        text = " ".join(rng.choice(_PIECES) for _ in range(rng.randint(1, 6)))
+        if rng.random() < 0.4:
+            text = text.replace(" ", rng.choice(["", "-", ".", ",", "\n"]))
+        texts.append(text)
+    for scrubber in (Scrubber(), Scrubber({"emp": r"EMP-\d{6}", "ab": r"(a)\1b"})):
+        for start in range(0, len(texts), 250):
+            chunk = texts[start : start + 250]
+            for text, got in zip(chunk, scrubber.scrub_many(chunk), strict=True):
+                want = scrubber._scrub(text, scrubber.regex)
+                assert (got.text, got.counts) == (want.text, want.counts), text
+
+
+def test_json_edge_cases_keep_their_verdicts():
+    """The fast parser falls back to json where the two differ."""
+    gate = Gate()
+    big = gate.inspect(b'{"text": "hello there", "id": 123456789012345678901234567890}')
+    assert (
+        isinstance(big, Clean) and big.content["id"] == "123456789012345678901234567890"
+    )
+    assert gate.inspect(b'{"text": "x", "ts": NaN}') == Rejected("schema:ts_invalid")
+    assert gate.inspect(b'{"text": "a \\ud800 b"}') == Rejected("invalid_unicode")
+    assert gate.inspect(b'{"text": "\xff"}') == Rejected("invalid_utf8")
+    assert gate.inspect({"text": "a \ud800 b"}) == Rejected("invalid_unicode")

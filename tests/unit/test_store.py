@@ -139,6 +139,40 @@ def test_near_duplicates_are_quarantined_and_horizon_survives_restart(tmp_path):
     assert reasons == ["near_duplicate"]
 
 
+def test_near_duplicate_index_finds_exactly_the_band_matches():
+    """The native LSH index proposes exactly the records that share a whole band
+    (16 bands of 8 rows) with the query, and verification is digest agreement."""
+    import numpy as np
+
+    from client.ingest import NearDuplicates
+
+    near = NearDuplicates(horizon=10_000, threshold=0.8)
+    texts = [
+        f"{w} cups of {f} with {n} spoons, then stir for {m} minutes and serve"
+        for w in ("one", "two", "three")
+        for f in ("rice", "flour", "sugar", "oats")
+        for n in range(6)
+        for m in range(5)
+    ]
+    sketches = near.sketch_many(texts)
+    digests = np.array([s.digest() for s in sketches], dtype=np.uint32)
+    half = len(texts) // 2
+    for sketch in sketches[:half]:
+        near.add(sketch)
+    for i in range(half, len(texts)):
+        exact = {
+            k
+            for k in range(half)
+            if any(
+                (digests[k, b * 8 : b * 8 + 8] == digests[i, b * 8 : b * 8 + 8]).all()
+                for b in range(16)
+            )
+        }
+        assert set(near.lsh.query(sketches[i])) == exact
+        agree = max(((digests[list(exact)] == digests[i]).mean(1)), default=0.0)
+        assert near.query(sketches[i]) == (agree >= 0.8)
+
+
 def _open_and_report(args):
     path, key = args
     from pathlib import Path
