@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import time
+import tomllib
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -150,11 +151,25 @@ app = ServerApp()
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
-    """Entry point for ``flwr run .``: settings from ``[tool.flwr.app.config]``."""
+    """Entry point for ``flwr run .``: settings from ``[tool.flwr.app.config]``.
+
+    ``deploy.hosts = "nodes"`` (set by ``fedstream-server run``, or by hand with
+    ``flwr run . <superlink> --run-config "deploy.hosts='nodes'"``) means the
+    SuperNodes bring their data dirs; otherwise virtual hosts get built-in streams.
+    """
     from server.sim import prepare_hosts
 
-    cfg = RunConfig.from_flat(dict(context.run_config))
+    flat = dict(context.run_config)
+    hosts_mode = str(flat.pop("deploy.hosts", "virtual"))
+    text = str(flat.pop("deploy.config", ""))
+    # The launcher sends the whole validated run config as TOML text ("deploy.config");
+    # flat keys serve `flwr run .` users.
+    cfg = RunConfig.build(tomllib.loads(text)) if text else RunConfig.from_flat(flat)
     cfg = cfg.with_overrides(out=str(Path(cfg.out).resolve()))
+    if hosts_mode == "nodes":
+        log.info("Run folder %s, deployed hosts", cfg.out)
+        run_server(grid, cfg)
+        return
     # Virtual nodes (Flower's simulation runtime) have no data dir of their own: give
     # them the built-in streams, one per node. Deployed nodes bring "data-dir".
     nodes = len(list(grid.get_node_ids()))
