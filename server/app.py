@@ -109,6 +109,7 @@ def run_server(
             "round": rnd,
             "hosts": outcome.hosts,
             "train_loss": {h: m.get("train-loss") for h, m in outcome.metrics.items()},
+            "train_s": {h: m.get("train-seconds") for h, m in outcome.metrics.items()},
             "heldout": scores,
             "epsilon": dict(sorted(epsilon.items())),
             "bytes": outcome.bytes,
