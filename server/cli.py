@@ -16,8 +16,6 @@ import sys
 
 from common.errors import FedstreamError
 from common.server_config import ServerConfig
-from server.certs import make_certs
-from server.launcher import launch, status
 
 __all__ = ["main", "parser"]
 
@@ -63,7 +61,11 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.INFO, format="%(levelname)s %(name)s: %(message)s"
     )
     try:
+        # Imported here: the launcher pulls in torch/peft (run folder), which a
+        # config error or `certs` should not wait for.
         if args.cmd == "certs":
+            from server.certs import make_certs
+
             names = args.server_name or ["localhost"]
             made = make_certs(
                 args.out,
@@ -75,6 +77,8 @@ def main(argv: list[str] | None = None) -> int:
             print(made.summary())
             return 0
         cfg = ServerConfig.from_toml(args.config)
+        from server.launcher import launch, status
+
         if args.cmd == "run":
             return launch(cfg, insecure=args.insecure)
         info = status(cfg)
