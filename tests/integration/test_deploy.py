@@ -1,7 +1,8 @@
 """A real deployment on loopback: ``fedstream-server run`` (flower-superlink with TLS
 and SuperNode authentication) and three ``fedstream-agent run`` hosts, each supervising
 a flower-supernode with its own key. One federation is shared by the checks below;
-they run in file order while it trains.
+they run in file order while it trains: intruders during round 1, three rounds with
+every host, then one host cut off (SIGSTOP) for a round and back for the last.
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ from tests.integration.agent_util import free_port
 from tests.integration.deploy_util import (
     ENV,
     Proc,
+    descendants,
+    kill_tree,
     metrics,
     push_stream,
     run_tracked,
@@ -32,7 +35,8 @@ from tests.integration.deploy_util import (
 pytestmark = pytest.mark.slow
 
 HOSTS = ["h0", "h1", "h2"]
-ROUNDS = 3
+CLEAN = 3  # rounds with every host; then one host is cut off for a round
+ROUNDS = CLEAN + 2
 
 
 class Federation:
@@ -205,25 +209,50 @@ def test_plain_text_to_tls_superlink_fails(fed: Federation) -> None:
     assert code != 0
 
 
-def test_three_rounds_complete_and_every_adapter_loads(fed: Federation) -> None:
-    assert fed.server is not None
-    code = fed.server.popen.wait(timeout=900)
-    log = fed.server.log.read_text()
-    assert code == 0, log[-3000:]
-    assert f"round {ROUNDS}/{ROUNDS} saved" in log
-    lines = metrics(fed.out)
-    assert [ln["round"] for ln in lines] == list(range(ROUNDS + 1))
-    for ln in lines[1:]:
+def test_three_rounds_complete_with_every_host(fed: Federation) -> None:
+    wait_for(lambda: len(metrics(fed.out)) > CLEAN, 600, f"{CLEAN} rounds")
+    lines = metrics(fed.out)[1 : CLEAN + 1]
+    assert [ln["round"] for ln in lines] == list(range(1, CLEAN + 1))
+    for ln in lines:
         # Neither the stranger nor the plain-text SuperNode disturbed a round.
         assert sorted(ln["hosts"]) == HOSTS, ln  # type: ignore[arg-type]
         assert not ln["failed"] and not ln["rejected"], ln
         assert set(ln["epsilon"]) == set(HOSTS)  # type: ignore[arg-type]
 
+
+def test_cut_off_host_times_out_and_rejoins(fed: Federation) -> None:
+    """SIGSTOP (no network namespaces here) of h1's agent, SuperNode and ClientApp."""
+    cut = fed.agents["h1"]
+
+    def training_next_round() -> bool:
+        return len(metrics(fed.out)) == CLEAN + 1 and _in_round(cut)
+
+    wait_for(training_next_round, 300, f"h1 training in round {CLEAN + 1}")
+    tree = [cut.popen.pid, *descendants(cut.popen.pid)]
+    kill_tree(tree, signal.SIGSTOP)
+    try:
+        wait_for(lambda: len(metrics(fed.out)) > CLEAN + 1, 300, "round without h1")
+    finally:
+        kill_tree(tree, signal.SIGCONT)
+    cut_round = metrics(fed.out)[CLEAN + 1]
+    assert sorted(cut_round["hosts"]) == ["h0", "h2"], cut_round  # type: ignore[arg-type]
+    assert cut_round["failed"], cut_round  # h1's timeout is reported, not hidden
+    assert fed.server is not None
+    code = fed.server.popen.wait(timeout=600)
+    log = fed.server.log.read_text()
+    assert code == 0, log[-3000:]
+    assert f"round {ROUNDS}/{ROUNDS} saved" in log
+    last = metrics(fed.out)[ROUNDS]
+    assert sorted(last["hosts"]) == HOSTS, last  # type: ignore[arg-type]
+
+
+def test_every_round_adapter_is_saved_and_loads(fed: Federation) -> None:
     from peft import PeftModel
 
     from common.config import ModelConfig
     from common.models import load_base_model
 
+    assert [ln["round"] for ln in metrics(fed.out)] == list(range(ROUNDS + 1))
     previous = None
     for n in range(1, ROUNDS + 1):
         folder = fed.out / "global" / f"round-{n}"
@@ -240,6 +269,19 @@ def test_three_rounds_complete_and_every_adapter_loads(fed: Federation) -> None:
         if previous is not None:
             assert any(not (weights[k] == previous[k]).all() for k in weights)
         previous = weights
+
+
+def _in_round(proc: Proc) -> bool:
+    """A ClientApp process runs under this agent: it is training right now."""
+    proc.track()
+    for pid in descendants(proc.popen.pid):
+        try:
+            cmd = Path(f"/proc/{pid}/cmdline").read_bytes()
+        except OSError:
+            continue
+        if b"flwr-clientapp" in cmd:
+            return True
+    return False
 
 
 def test_agents_drain_on_sigterm_and_keep_their_ledger(fed: Federation) -> None:
