@@ -18,13 +18,14 @@ from flwr.serverapp import Grid, ServerApp
 
 from common.adapter import load_trainable_state, to_record, trainable_state
 from common.config import RunConfig
+from common.errors import ConfigError
 from common.models import build_adapter_model, load_base_model
 from server.checkpoint import RunFolder, now
 from server.evaluation import HeldOut
 from server.report import write_report
 from server.strategy import AdapterFedAvg
 
-__all__ = ["app", "run_server"]
+__all__ = ["app", "run_config_from_flat", "run_server"]
 
 log = logging.getLogger(__name__)
 
@@ -147,6 +148,24 @@ def run_server(
     return folder
 
 
+def run_config_from_flat(flat: dict[str, Any]) -> tuple[RunConfig, str]:
+    """The run config and hosts mode ("virtual" or "nodes") from Flower's run_config.
+
+    The launcher sends the whole validated run config as TOML text
+    (``deploy.config``); flat keys serve ``flwr run .`` users.
+    """
+    flat = dict(flat)
+    hosts_mode = str(flat.pop("deploy.hosts", "virtual"))
+    if hosts_mode not in ("virtual", "nodes"):
+        raise ConfigError(
+            f"deploy.hosts must be 'virtual' or 'nodes', got {hosts_mode!r}"
+        )
+    text = str(flat.pop("deploy.config", ""))
+    if text:
+        return RunConfig.build(tomllib.loads(text)), hosts_mode
+    return RunConfig.from_flat(flat), hosts_mode
+
+
 app = ServerApp()
 
 
@@ -160,12 +179,7 @@ def main(grid: Grid, context: Context) -> None:
     """
     from server.sim import prepare_hosts
 
-    flat = dict(context.run_config)
-    hosts_mode = str(flat.pop("deploy.hosts", "virtual"))
-    text = str(flat.pop("deploy.config", ""))
-    # The launcher sends the whole validated run config as TOML text ("deploy.config");
-    # flat keys serve `flwr run .` users.
-    cfg = RunConfig.build(tomllib.loads(text)) if text else RunConfig.from_flat(flat)
+    cfg, hosts_mode = run_config_from_flat(dict(context.run_config))
     cfg = cfg.with_overrides(out=str(Path(cfg.out).resolve()))
     if hosts_mode == "nodes":
         log.info("Run folder %s, deployed hosts", cfg.out)

@@ -174,3 +174,23 @@ def test_supervisor_restarts_a_dead_supernode(tmp_path: Path) -> None:
         sup.stop()
         kill_tree([p for p in seen if alive(p)])
     assert last.poll() is not None
+
+
+def test_serverapp_reads_the_deploy_keys_of_the_app_config(tmp_path: Path) -> None:
+    import tomllib
+
+    from common.config import RunConfig, flatten
+    from server.app import run_config_from_flat
+    from tests.conftest import ROOT
+
+    data = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    flat = flatten(data["tool"]["flwr"]["app"]["config"])
+    cfg, mode = run_config_from_flat(flat)
+    assert mode == "virtual" and cfg.model.name == "smollm2-135m"
+    sent = RunConfig.build({"model": {"name": "tiny-llama"}, "out": str(tmp_path)})
+    cfg, mode = run_config_from_flat(
+        {**flat, "deploy.hosts": "nodes", "deploy.config": sent.to_toml()}
+    )
+    assert mode == "nodes" and cfg == sent
+    with pytest.raises(ConfigError, match=r"deploy\.hosts"):
+        run_config_from_flat({**flat, "deploy.hosts": "cloud"})
