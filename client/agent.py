@@ -25,8 +25,9 @@ from client.gate import Gate, GateSettings
 from client.ingest import Ingestor
 from client.sources import SOURCES
 from client.store import Store, load_key
+from client.supervisor import SupernodeSupervisor
 from common.agent_config import AgentConfig
-from common.errors import FedstreamError
+from common.errors import ConfigError, FedstreamError
 
 __all__ = ["Agent", "main", "push", "status"]
 
@@ -59,6 +60,11 @@ class Agent:
         )
         self._stop_retention = threading.Event()
         self._retention = threading.Thread(target=self._retention_loop, daemon=True)
+        self.supervisor: SupernodeSupervisor | None = None
+        if cfg.supernode is not None:
+            self.supervisor = SupernodeSupervisor(
+                cfg.supernode, Path(cfg.data_dir), ready=self._has_records
+            )
         self.sources: list[Any] = []
         for src in cfg.sources:
             factory = SOURCES[src.type]
@@ -73,10 +79,19 @@ class Agent:
             log.info("Source %s started", src.name)
         if self.cfg.store.retention_days > 0:
             self._retention.start()
+        if self.supervisor is not None:
+            self.supervisor.start()
+
+    def _has_records(self) -> bool:
+        assert self.cfg.supernode is not None
+        with self.ingestor.lock:
+            return self.store.count() >= self.cfg.supernode.min_records
 
     def stop(self) -> None:
         for src in self.sources:
-            src.stop()
+            src.stop()  # in-flight commits finish and are acknowledged
+        if self.supervisor is not None:
+            self.supervisor.stop()
         self._stop_retention.set()
         if self._retention.is_alive():
             self._retention.join()
@@ -165,9 +180,32 @@ def status(cfg: AgentConfig) -> dict[str, Any]:
         store.close()
 
 
+INSECURE_WARNING = (
+    "WARNING: --insecure: the SuperNode connects without TLS or authentication; "
+    "for local development only"
+)
+
+
+def with_insecure(cfg: AgentConfig) -> AgentConfig:
+    """``cfg`` with ``supernode.insecure`` set, refused in production."""
+    sn = cfg.supernode
+    if sn is None:
+        raise ConfigError("--insecure needs a [supernode] section in the config")
+    if sn.production:
+        raise ConfigError(
+            "--insecure is refused because supernode.production = true; set "
+            "supernode.production = false for local development"
+        )
+    return cfg.model_copy(
+        update={"supernode": sn.model_copy(update={"insecure": True})}
+    )
+
+
 def run(cfg: AgentConfig, *, stop: threading.Event | None = None) -> int:
     """Run until SIGTERM/SIGINT (or ``stop`` is set); drain and return 0."""
     stop = stop or threading.Event()
+    if cfg.supernode is not None and cfg.supernode.insecure:
+        print(INSECURE_WARNING, file=sys.stderr, flush=True)
     agent = Agent(cfg)
 
     def _signal(signum: int, _frame: Any) -> None:
@@ -180,7 +218,8 @@ def run(cfg: AgentConfig, *, stop: threading.Event | None = None) -> int:
     agent.start()
     print(
         f"fedstream-agent: running ({', '.join(s.name for s in agent.sources)}); "
-        f"store {cfg.store_path}",
+        f"store {cfg.store_path}"
+        + (f"; supernode -> {cfg.supernode.superlink}" if cfg.supernode else ""),
         flush=True,
     )
     stop.wait()
@@ -236,6 +275,11 @@ def parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="cmd", required=True)
     r = sub.add_parser("run", help="ingest from the configured sources")
     r.add_argument("--config", required=True)
+    r.add_argument(
+        "--insecure",
+        action="store_true",
+        help="SuperNode without TLS or auth: local development only",
+    )
     s = sub.add_parser("status", help="what the store holds and the privacy spend")
     s.add_argument("--config", required=True)
     s.add_argument("--json", action="store_true", help="machine-readable output")
@@ -253,7 +297,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     try:
         if args.cmd == "run":
-            return run(AgentConfig.from_toml(args.config))
+            cfg = AgentConfig.from_toml(args.config)
+            return run(with_insecure(cfg) if args.insecure else cfg)
         if args.cmd == "status":
             info = status(AgentConfig.from_toml(args.config))
             if args.json:

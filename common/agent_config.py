@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from common.config import FrozenModel, read_toml, validated
 
@@ -20,6 +20,7 @@ __all__ = [
     "JsonlSource",
     "KafkaSource",
     "StoreSettings",
+    "SupernodeSettings",
 ]
 
 
@@ -78,6 +79,52 @@ class KafkaSource(FrozenModel):
 Source = Annotated[GrpcSource | JsonlSource | KafkaSource, Field(discriminator="type")]
 
 
+class SupernodeSettings(FrozenModel):
+    """The ``flower-supernode`` the agent runs and restarts (``[supernode]``)."""
+
+    superlink: str = Field(description="host:port of the SuperLink.")
+    root_certificates: str | None = Field(
+        None, description="CA certificate (ca.crt) that signed the SuperLink's."
+    )
+    auth_key: str | None = Field(
+        None, description="This host's SuperNode private key (hosts/NAME/auth.key)."
+    )
+    insecure: bool = Field(
+        False, description="Plain HTTP, no authentication: development only."
+    )
+    production: bool = Field(True, description="Refuse insecure when true.")
+    runtime_port: int = Field(
+        9094, ge=1, lt=65536, description="Local port of the SuperNode's runtime API."
+    )
+    min_records: int = Field(
+        1, ge=0, description="Start the SuperNode once the store holds this many."
+    )
+    restart_backoff_s: float = Field(
+        1.0, gt=0, description="First wait before a restart; doubles up to 30 s."
+    )
+    node_config: dict[str, str | int | float | bool] = Field(
+        default_factory=dict, description="Extra node_config (data-dir is added)."
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> SupernodeSettings:
+        if not self.insecure:
+            missing = [
+                n for n in ("root_certificates", "auth_key") if not getattr(self, n)
+            ]
+            if missing:
+                raise ValueError(
+                    f"supernode.{missing[0]} is required unless supernode.insecure "
+                    "= true"
+                )
+        if self.insecure and self.production:
+            raise ValueError(
+                "supernode.insecure is refused because supernode.production = true; "
+                "set supernode.production = false for local development"
+            )
+        return self
+
+
 def _default_source() -> GrpcSource | JsonlSource | KafkaSource:
     return GrpcSource()
 
@@ -87,6 +134,9 @@ class AgentConfig(FrozenModel):
     store: StoreSettings = StoreSettings()
     gate: GateConfig = GateConfig()
     sources: list[Source] = Field(default_factory=lambda: [_default_source()])
+    supernode: SupernodeSettings | None = Field(
+        None, description="Run a flower-supernode for this host (deployment)."
+    )
 
     @classmethod
     def from_toml(cls, path: str | Path) -> AgentConfig:

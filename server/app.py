@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import time
+import tomllib
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from common.adapter import load_trainable_state, to_record, trainable_state
 from common.config import RunConfig
+from common.errors import ConfigError
 from common.models import build_adapter_model, load_base_model
 from server.checkpoint import RunFolder, now
 from server.evaluation import HeldOut
@@ -24,7 +26,7 @@ from server.policies import make_policy
 from server.report import write_report
 from server.strategy import AdapterFedAvg
 
-__all__ = ["app", "run_server"]
+__all__ = ["app", "run_config_from_flat", "run_server"]
 
 log = logging.getLogger(__name__)
 
@@ -113,6 +115,7 @@ def run_server(
             "round": rnd,
             "hosts": outcome.hosts,
             "train_loss": {h: m.get("train-loss") for h, m in outcome.metrics.items()},
+            "train_s": {h: m.get("train-seconds") for h, m in outcome.metrics.items()},
             "heldout": scores,
             "epsilon": dict(sorted(epsilon.items())),
             "bytes": outcome.bytes,
@@ -155,16 +158,43 @@ def run_server(
     return folder
 
 
+def run_config_from_flat(flat: dict[str, Any]) -> tuple[RunConfig, str]:
+    """The run config and hosts mode ("virtual" or "nodes") from Flower's run_config.
+
+    The launcher sends the whole validated run config as TOML text
+    (``deploy.config``); flat keys serve ``flwr run .`` users.
+    """
+    flat = dict(flat)
+    hosts_mode = str(flat.pop("deploy.hosts", "virtual"))
+    if hosts_mode not in ("virtual", "nodes"):
+        raise ConfigError(
+            f"deploy.hosts must be 'virtual' or 'nodes', got {hosts_mode!r}"
+        )
+    text = str(flat.pop("deploy.config", ""))
+    if text:
+        return RunConfig.build(tomllib.loads(text)), hosts_mode
+    return RunConfig.from_flat(flat), hosts_mode
+
+
 app = ServerApp()
 
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
-    """Entry point for ``flwr run .``: settings from ``[tool.flwr.app.config]``."""
+    """Entry point for ``flwr run .``: settings from ``[tool.flwr.app.config]``.
+
+    ``deploy.hosts = "nodes"`` (set by ``fedstream-server run``, or by hand with
+    ``flwr run . <superlink> --run-config "deploy.hosts='nodes'"``) means the
+    SuperNodes bring their data dirs; otherwise virtual hosts get built-in streams.
+    """
     from server.sim import prepare_hosts, scenario_feeder
 
-    cfg = RunConfig.from_flat(dict(context.run_config))
+    cfg, hosts_mode = run_config_from_flat(dict(context.run_config))
     cfg = cfg.with_overrides(out=str(Path(cfg.out).resolve()))
+    if hosts_mode == "nodes":
+        log.info("Run folder %s, deployed hosts", cfg.out)
+        run_server(grid, cfg)
+        return
     # Virtual nodes (Flower's simulation runtime) have no data dir of their own: give
     # them the built-in streams, one per node. Deployed nodes bring "data-dir".
     nodes = len(list(grid.get_node_ids()))

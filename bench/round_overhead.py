@@ -1,0 +1,127 @@
+"""Round overhead of a real deployment on loopback.
+
+Starts ``fedstream-server run`` (flower-superlink with TLS and SuperNode
+authentication) and N ``fedstream-agent run`` hosts with their own keys, pushes the
+built-in streams with ``fedstream-agent push``, runs R rounds and prints JSON: per
+round, the server's wall time for the round (from one saved global adapter to the
+next, as ``metrics.jsonl`` records it) divided by the slowest host's local training
+time (``train-seconds``, measured inside the ClientApp). Target <= 1.10.
+
+    python bench/round_overhead.py --hosts 4 --rounds 3 --model tiny-llama
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from tests.integration.agent_util import free_port  # noqa: E402
+from tests.integration.deploy_util import (  # noqa: E402
+    ENV,
+    metrics,
+    push_stream,
+    script,
+    start,
+    write_agent,
+)
+
+
+def run(hosts: int, rounds: int, model: str, steps: int, records: int) -> dict:
+    with tempfile.TemporaryDirectory(prefix="round-overhead-") as tmp:
+        root = Path(tmp)
+        names = [f"h{i}" for i in range(hosts)]
+        certs = root / "certs"
+        subprocess.run(
+            [script("fedstream-server"), "certs", "--out", str(certs)]
+            + [a for n in names for a in ("--host", n)],
+            env=ENV,
+            check=True,
+            capture_output=True,
+        )
+        superlink = f"127.0.0.1:{free_port()}"
+        (root / "server.toml").write_text(
+            f'[server]\nlisten = "{superlink}"\n'
+            f'[run]\nout = "run"\n[run.model]\nname = "{model}"\n'
+            f"[run.training]\nlocal_steps = {steps}\n"
+            f"[run.federation]\nrounds = {rounds}\nmin_hosts = {hosts}\n"
+        )
+        procs = []
+        try:
+            for i, name in enumerate(names):
+                cfg, _, port = write_agent(
+                    root, name, superlink=superlink, certs=certs, min_records=1
+                )
+                procs.append(
+                    start(
+                        [script("fedstream-agent"), "run", "--config", str(cfg)],
+                        root / f"{name}.log",
+                    )
+                )
+                push_stream(i, records, port, root)
+            t0 = time.perf_counter()
+            server = start(
+                [
+                    script("fedstream-server"),
+                    "run",
+                    "--config",
+                    str(root / "server.toml"),
+                ],
+                root / "server.log",
+            )
+            procs.append(server)
+            code = server.popen.wait(timeout=3600)
+            total = time.perf_counter() - t0
+            if code != 0:
+                raise SystemExit((root / "server.log").read_text()[-2000:])
+            lines = metrics(root / "run")[1:]
+        finally:
+            for p in procs:
+                p.stop()
+    per_round = []
+    for ln in lines:
+        train = [v for v in ln["train_s"].values() if v is not None]  # type: ignore[union-attr]
+        slowest = max(train)
+        per_round.append(
+            {
+                "round": ln["round"],
+                "hosts": len(ln["hosts"]),  # type: ignore[arg-type]
+                "wall_s": ln["wall_s"],
+                "slowest_train_s": slowest,
+                "ratio": round(float(ln["wall_s"]) / slowest, 3),  # type: ignore[arg-type]
+            }
+        )
+    return {
+        "bench": "round_overhead",
+        "model": model,
+        "hosts": hosts,
+        "rounds": rounds,
+        "local_steps": steps,
+        "per_round": per_round,
+        "median_ratio": statistics.median(r["ratio"] for r in per_round),
+        "target": 1.10,
+        "total_s": round(total, 1),
+    }
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--hosts", type=int, default=4)
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--model", default="tiny-llama")
+    p.add_argument("--steps", type=int, default=4, help="local DP-SGD steps")
+    p.add_argument("--records", type=int, default=200, help="records per host")
+    a = p.parse_args()
+    print(json.dumps(run(a.hosts, a.rounds, a.model, a.steps, a.records), indent=1))
+
+
+if __name__ == "__main__":
+    main()
