@@ -67,6 +67,7 @@ def drift_signal(
     plan: StreamPlan,
     expected: float,
     round_num: int,
+    release_no: int,
     secret: bytes,
 ) -> tuple[float, bool]:
     """Release this round's drift statistics over the drift sample ``idx`` of
@@ -89,7 +90,7 @@ def drift_signal(
         )
         rng = None
         if cfg.privacy.enabled:
-            tag = f"drift:{round_num}".encode()
+            tag = f"drift:{release_no}".encode()
             seed = hmac.new(secret, tag, hashlib.sha256).digest()
             rng = np.random.default_rng(int.from_bytes(seed[:8], "big"))
         rel = release(
@@ -196,6 +197,7 @@ def _train(msg: Message, context: Context) -> Message:
             plan=plan,
             expected=sel.drift_expected if cfg.privacy.enabled else float(len(idx)),
             round_num=server_round,
+            release_no=sel.release,
             secret=host.secret(),
         )
         store = host.open_store()
@@ -211,7 +213,7 @@ def _train(msg: Message, context: Context) -> Message:
         training=cfg.training,
         privacy=cfg.privacy,
         noise_multiplier=plan.noise_multiplier if cfg.privacy.enabled else None,
-        seed=host.round_seed(server_round),
+        seed=host.release_seed(sel.release),
         proximal_mu=cfg.aggregation.mu,
     )
     delta = encode_delta(result.arrays, global_arrays, cfg.training.update_dtype)

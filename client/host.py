@@ -97,9 +97,9 @@ class Host:
         """This host's secret, created (32 random bytes, mode 0600) on first use."""
         return ensure_secret(self.secret_path)
 
-    def round_seed(self, server_round: int) -> int:
-        """Seed for this round's noise and sampling: HMAC(secret, round)."""
-        mac = hmac.new(self.secret(), f"round:{server_round}".encode(), hashlib.sha256)
+    def release_seed(self, release: int) -> int:
+        """Seed for a release's DP noise and sampling: HMAC(secret, release number)."""
+        mac = hmac.new(self.secret(), f"release:{release}".encode(), hashlib.sha256)
         return int.from_bytes(mac.digest()[:7], "big")
 
     def open_store(self) -> Store:

@@ -12,7 +12,7 @@ per-record accounting of ``common.privacy.StreamPlan`` holds:
    ``min(1, replay_cap / group)`` for each replay group, so a surge of one kind fills
    its own share and cannot crowd out the others, and the expected training set is
    bounded by ``fresh_cap + groups x replay_cap`` however long the stream runs.
-3. Coins. A record is eligible when its own keyed coin HMAC(secret, seq, round) falls
+3. Coins. A record is eligible when its own keyed coin HMAC(secret, seq, release) falls
    below its rate: independent of every other record.
 4. Drift sample. An eligible fresh record joins the drift sample when a second keyed
    coin falls below ``min(1, drift_cap / expected eligible fresh)`` (from the noisy
@@ -58,6 +58,7 @@ class Selection:
     drift: list[int] = field(default_factory=list)  # seqs in the drift sample
     drift_expected: float = 0.0  # expected drift sample size, from noisy counts
     expected: float = 0.0  # expected eligible records, from noisy counts
+    release: int = 0  # this host's release number (keys all noise of the round)
 
 
 def _coin(secret: bytes, seq: int, rnd: int, kind: str = "coin") -> float:
@@ -84,6 +85,11 @@ def select_round(
     top = store.max_seq()  # records arriving during selection wait for next round
     fresh_key = b"\x00fresh"
     # 1. Counts of the records that can afford this round's count query.
+    # Every selection is a new release, numbered by a counter committed with its
+    # spend: noise and coins are keyed by it, never by the server's round number, so
+    # a second run against this host (which starts again at round 1) or a re-run of
+    # a round after a crash draws fresh noise (and is charged again).
+    release = store.meta_int("releases", 0) + 1
     counts: dict[bytes, int] = defaultdict(int)
     retiring: list[tuple[int, int]] = []
     for is_fresh, grp, elig, queries, n in store.live_summary(last_seq, top):
@@ -96,7 +102,7 @@ def select_round(
     for key, n in counts.items():
         # Noise keyed by (round, group) from the host secret: the server cannot
         # reproduce it, and one group's noise does not depend on which others exist.
-        tag = b"counts:%d:" % round_num + key
+        tag = b"counts:%d:" % release + key
         seed = hmac.new(secret, tag, hashlib.sha256).digest()
         noisy = n + np.random.default_rng(int.from_bytes(seed[:8], "big")).normal(
             0.0, plan.count_noise
@@ -118,7 +124,7 @@ def select_round(
         key = fresh_key if seq > last_seq else grp
         if key not in rates or not plan.fits(elig + 1, queries + 1):
             continue
-        if _coin(secret, seq, round_num) < rates[key]:
+        if _coin(secret, seq, release) < rates[key]:
             eligible.append(seq)
             fresh += key == fresh_key
             replay += key != fresh_key
@@ -126,7 +132,7 @@ def select_round(
                 key == fresh_key
                 and drift_rate > 0
                 and plan.fits(elig + 1, queries + 1 + drift_weight)
-                and _coin(secret, seq, round_num, "drift") < drift_rate
+                and _coin(secret, seq, release, "drift") < drift_rate
             ):
                 drift.append(seq)
     # 3. The spend, committed before any training.
@@ -136,7 +142,11 @@ def select_round(
         eligible=eligible,
         extra=drift,
         extra_queries=drift_weight,
-        meta={"fresh_after": max(top, last_seq), "last_round": round_num},
+        meta={
+            "fresh_after": max(top, last_seq),
+            "last_round": round_num,
+            "releases": release,
+        },
     )
     expected = sum(noisy_counts[k] * rates[k] for k in rates)
     return Selection(
@@ -149,6 +159,7 @@ def select_round(
         drift=drift,
         drift_expected=fresh_expected * drift_rate,
         expected=expected,
+        release=release,
     )
 
 

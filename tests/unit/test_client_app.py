@@ -181,3 +181,25 @@ def test_agent_status_reports_the_spend_of_a_trained_host(setup):
     assert info["epsilon_budget"] == 3.0
     assert info["epsilon_left"] == pytest.approx(3.0 - eps)
     assert info["can_train"] is True
+
+
+def test_a_second_run_starting_at_round_one_gets_fresh_noise(setup):
+    """Noise is keyed by the host's release counter, not by the server's round: a
+    new run (or a re-run after a crash) asking for round 1 again must not reuse the
+    first answer's noise on other inputs; it is a new release, charged again."""
+    cfg, data_dir, n = setup
+    deltas = []
+    for _ in range(2):
+        msg, ctx, arrays = _message(cfg, data_dir, 1)
+        reply = train(msg, ctx)
+        assert not reply.has_error(), reply.error
+        shapes = {k: v.shape for k, v in arrays.items()}
+        deltas.append(decode_delta(reply.content.array_records["arrays"], shapes))
+    assert any(not np.array_equal(deltas[0][k], deltas[1][k]) for k in deltas[0])
+    store = Store(data_dir / "store.db", load_key(data_dir / "store.key"))
+    try:
+        assert store.meta_int("releases") == 2
+        # Both releases charged: eligible twice, counted twice, one drift release.
+        assert store.spend() == [(2, 2 + cfg.drift.query_weight, n)]
+    finally:
+        store.close()
