@@ -77,13 +77,19 @@ def test_run_folder_is_usable(full_run, config_file):
     assert mean_loss(lines[2]) < mean_loss(lines[0])
 
     # Reported epsilon equals Opacus's accountant for the same events: every record
-    # (96 a host, under the window caps) was eligible and counted in every round.
-    sigma = planned_noise_multiplier(cfg.privacy, cfg.training, rounds=2)
+    # (96 a host, under the window caps) was eligible and counted in every round, and
+    # in round 1 (all fresh, under the drift sample cap) measured by the drift
+    # release: one Gaussian with noise count_noise / sqrt(query_weight).
+    k = cfg.drift.query_weight
+    sigma = planned_noise_multiplier(
+        cfg.privacy, cfg.training, rounds=2, extra_queries=k
+    )
     for ln in lines[1:]:
         acc = RDPAccountant()
         acc.history = [
             (sigma, cfg.training.sample_rate, ln["round"] * cfg.training.local_steps),
             (cfg.privacy.count_noise, 1.0, ln["round"]),
+            (cfg.privacy.count_noise / k**0.5, 1.0, 1),
         ]
         expected = acc.get_epsilon(cfg.privacy.delta)
         assert all(
