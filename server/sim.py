@@ -270,7 +270,7 @@ def run(
         hf_logging.set_verbosity_error()
     from common.adapter import trainable_state
     from common.models import build_adapter_model, load_base_model
-    from common.privacy import planned_noise_multiplier
+    from common.privacy import run_noise_multiplier
     from server.checkpoint import RunFolder
 
     # Fail fast, in this process, on what would otherwise fail inside every host.
@@ -290,9 +290,7 @@ def run(
     del base
     sigma = None
     if cfg.privacy.enabled:
-        sigma = planned_noise_multiplier(
-            cfg.privacy, cfg.training, rounds=cfg.federation.rounds
-        )
+        sigma = run_noise_multiplier(cfg)
     ui = _Console(cfg, quiet)
     if not quiet:
         dp = (
