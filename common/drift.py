@@ -191,8 +191,12 @@ def observe(
         delta, threshold, state.ph.get("cum", 0.0), state.ph.get("low", 0.0)
     )
     if rel is None or rel.expected < MIN_SAMPLE:
-        state.last = {"round": round_num, "score": 0.0, "x": 0.0}
-        return 0.0, False
+        # No signal this round; an event keeps counting (a round re-run after a
+        # crash finds its fresh records already measured, and reports the event).
+        event = bool(state.events) and state.events[-1] == round_num
+        score = DECAY ** (round_num - state.events[-1]) if state.events else 0.0
+        state.last = {"round": round_num, "score": round(score, 4), "x": 0.0}
+        return score, event
     n = rel.expected
     base = state.baseline if state.baseline is not None else BASELINE0
     change = max(-CLIP, min(CLIP, rel.loss_sum / n))

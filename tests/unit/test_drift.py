@@ -152,3 +152,17 @@ def test_a_small_sample_gives_no_signal():
     )
     assert (score, event) == (0.0, False)
     assert state.baseline is None
+
+
+def test_a_round_rerun_after_a_crash_still_reports_its_event():
+    """The first attempt measured the fresh records and fired; the re-run finds no
+    fresh records (they were measured) and must still report the event."""
+    state = DriftState(baseline=1.5, reference=[1.0] * BUCKETS, events=[4])
+    assert observe(state, None, round_num=4, sigma=SIGMA, delta=1.0, threshold=6.0) == (
+        1.0,
+        True,
+    )
+    assert observe(state, None, round_num=5, sigma=SIGMA, delta=1.0, threshold=6.0) == (
+        0.5,
+        False,
+    )
