@@ -140,45 +140,48 @@ def _builtin_two_phase(
     }
 
 
+def _half_drift(phases: list[dict[str, Any]], stay: str) -> list[dict[str, Any]]:
+    """4 hosts: two stream ``phases``, two stay on ``stay`` all along."""
+    return [{"phases": phases}] * 2 + [
+        {"phases": [{"from_round": 1, "source": stay}]}
+    ] * 2
+
+
+def _switch(old: str, new: str, at: int) -> list[dict[str, Any]]:
+    return [{"from_round": 1, "source": old}, {"from_round": at, "source": new}]
+
+
 _B, _C = "builtin:banking", "builtin:clinical"
 BUILTIN: dict[str, dict[str, Any]] = {
     "abrupt": _builtin_two_phase(
         "abrupt",
         "Half of 4 hosts switch from banking to clinical text at round 4.",
-        [{"phases": [{"from_round": 1, "source": _B}, {"from_round": 4, "source": _C}]}]
-        * 2
-        + [{"phases": [{"from_round": 1, "source": _B}]}] * 2,
+        _half_drift(_switch(_B, _C, 4), _B),
     ),
     "gradual": _builtin_two_phase(
         "gradual",
         "Half of 4 hosts move from banking to clinical text over rounds 3-6.",
-        [
-            {
-                "phases": [
-                    {"from_round": 1, "source": _B},
-                    {"from_round": 3, "mix": {_B: 0.75, _C: 0.25}},
-                    {"from_round": 4, "mix": {_B: 0.5, _C: 0.5}},
-                    {"from_round": 5, "mix": {_B: 0.25, _C: 0.75}},
-                    {"from_round": 6, "source": _C},
-                ]
-            }
-        ]
-        * 2
-        + [{"phases": [{"from_round": 1, "source": _B}]}] * 2,
+        _half_drift(
+            [
+                {"from_round": 1, "source": _B},
+                {"from_round": 3, "mix": {_B: 0.75, _C: 0.25}},
+                {"from_round": 4, "mix": {_B: 0.5, _C: 0.5}},
+                {"from_round": 5, "mix": {_B: 0.25, _C: 0.75}},
+                {"from_round": 6, "source": _C},
+            ],
+            _B,
+        ),
     ),
     "recurring": _builtin_two_phase(
         "recurring",
         "Half of 4 hosts alternate banking / clinical every 2 rounds.",
-        [
-            {
-                "phases": [
-                    {"from_round": r, "source": _B if (r - 1) // 2 % 2 == 0 else _C}
-                    for r in (1, 3, 5, 7)
-                ]
-            }
-        ]
-        * 2
-        + [{"phases": [{"from_round": 1, "source": _B}]}] * 2,
+        _half_drift(
+            [
+                {"from_round": r, "source": _B if (r - 1) // 2 % 2 == 0 else _C}
+                for r in (1, 3, 5, 7)
+            ],
+            _B,
+        ),
     ),
     "noisy": _builtin_two_phase(
         "noisy",
@@ -207,16 +210,10 @@ BUILTIN: dict[str, dict[str, Any]] = {
         "records_per_round": 32,
         "heldout_records": 40,
         "heldout": {"english": "chatterbot:english", "spanish": "chatterbot:spanish"},
-        "hosts": [
-            {
-                "phases": [
-                    {"from_round": 1, "source": "chatterbot:english"},
-                    {"from_round": 4, "source": "chatterbot:spanish"},
-                ]
-            }
-        ]
-        * 2
-        + [{"phases": [{"from_round": 1, "source": "chatterbot:english"}]}] * 2,
+        "hosts": _half_drift(
+            _switch("chatterbot:english", "chatterbot:spanish", 4),
+            "chatterbot:english",
+        ),
     },
     "code-prose": {
         "name": "code-prose",
@@ -225,16 +222,7 @@ BUILTIN: dict[str, dict[str, Any]] = {
         "rounds": 8,
         "records_per_round": 48,
         "heldout": {"prose": "python:prose", "code": "python:code"},
-        "hosts": [
-            {
-                "phases": [
-                    {"from_round": 1, "source": "python:prose"},
-                    {"from_round": 4, "source": "python:code"},
-                ]
-            }
-        ]
-        * 2
-        + [{"phases": [{"from_round": 1, "source": "python:prose"}]}] * 2,
+        "hosts": _half_drift(_switch("python:prose", "python:code", 4), "python:prose"),
     },
 }
 
