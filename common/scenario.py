@@ -427,37 +427,31 @@ def _take(
     return _dealt(scen, source, host, seed)[start : start + n]
 
 
+def _picks(
+    scen: Scenario, host: int, rnd: int, seed: int
+) -> tuple[random.Random, list[str]]:
+    """The source of each record host ``host`` receives before round ``rnd``, and
+    the round's generator (it goes on to shuffle the records)."""
+    rng = random.Random(f"{seed}:{host}:{rnd}")
+    phase = scen.hosts[host].phase_at(rnd)
+    if phase is None:
+        return rng, []
+    sources = phase.sources()
+    names = sorted(sources)
+    weights = [sources[s] for s in names]
+    return rng, rng.choices(names, weights=weights, k=scen.records_per_round)
+
+
 def round_records(
     scen: Scenario, host: int, rnd: int, *, seed: int
 ) -> list[dict[str, Any]]:
     """The records host ``host`` receives before round ``rnd`` (deterministic)."""
-    phase = scen.hosts[host].phase_at(rnd)
-    if phase is None:
-        return []
-    rng = random.Random(f"{seed}:{host}:{rnd}")
-    sources = phase.sources()
-    names = sorted(sources)
-    picks = rng.choices(
-        names, weights=[sources[s] for s in names], k=scen.records_per_round
-    )
+    rng, picks = _picks(scen, host, rnd, seed)
     out: list[dict[str, Any]] = []
-    for src in names:
-        k = picks.count(src)
-        if not k:
-            continue
+    for src in sorted(set(picks)):
         # Position in this source's stream for this host: every earlier round's share.
-        start = sum(
-            random.Random(f"{seed}:{host}:{r}")
-            .choices(
-                sorted(ps := p.sources()),
-                weights=[ps[s] for s in sorted(ps)],
-                k=scen.records_per_round,
-            )
-            .count(src)
-            for r in range(1, rnd)
-            if (p := scen.hosts[host].phase_at(r)) is not None
-        )
-        for text in _take(scen, src, host, start, k, seed):
+        start = sum(_picks(scen, host, r, seed)[1].count(src) for r in range(1, rnd))
+        for text in _take(scen, src, host, start, picks.count(src), seed):
             out.append({"text": text, "tags": [src]})
     rng.shuffle(out)
     name = scen.host_name(host)
