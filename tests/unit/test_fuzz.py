@@ -89,6 +89,12 @@ raw_inputs = st.one_of(
 )
 
 
+# One gate for every example, as the agent keeps one: a gate holds no state that
+# changes a verdict (only compiled patterns), and building one per example costs a
+# fresh pattern compilation each time.
+GATE = Gate()
+
+
 def _with_secret(prefix: str, kind: str, suffix: str) -> tuple[bytes, str]:
     return json.dumps({"text": f"{prefix} {PLANTED[kind]} {suffix}"}).encode(), kind
 
@@ -103,7 +109,7 @@ def test_gate_never_crashes_and_always_gives_a_reason():
     @given(raw_inputs)
     def check(raw):
         seen["n"] += 1
-        verdict = Gate().inspect(raw)
+        verdict = GATE.inspect(raw)
         assert isinstance(verdict, Clean | Rejected)
         if isinstance(verdict, Rejected):
             assert verdict.reason and not verdict.reason.startswith("gate_error")
@@ -123,7 +129,7 @@ def test_planted_secrets_never_reach_the_store():
     def check(item):
         seen["n"] += 1
         raw, kind = item
-        verdict = Gate().inspect(raw)
+        verdict = GATE.inspect(raw)
         if isinstance(verdict, Clean):
             seen["clean"] += 1
             assert PLANTED[kind] not in verdict.content["text"]
