@@ -192,6 +192,15 @@ class AggregationConfig(FrozenModel):
         description="drift: an update longer than norm_limit x the median norm is "
         "scaled down to that length.",
     )
+    server_boost: float = Field(
+        2.0,
+        ge=0,
+        description="drift: server step 1 + server_boost x the weighted mean drift "
+        "score, applied to the round's weighted mean update (1 with no drift).",
+    )
+    max_server_step: float = Field(
+        3.0, ge=1, description="drift: upper bound of the server step."
+    )
     min_cosine: float = Field(
         -0.15,
         ge=-1,

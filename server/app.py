@@ -126,6 +126,7 @@ def run_server(
             "drift": outcome.drift,
             "drift_events": outcome.drift_events,
             "damped": outcome.damped,
+            "server_step": round(outcome.step, 4),
             "wall_s": round(time.perf_counter() - clock["t"], 2),
             "time": now(),
         }

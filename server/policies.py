@@ -20,6 +20,16 @@ adapter. Policies are chosen by name (``aggregation.policy``) from ``REGISTRY``;
   which keeps old knowledge. With equal drift scores, equal staleness and no
   damping the weights are exactly FedAvg's.
 
+  Server step (Flash-style): the weighted mean update is applied with step
+  ``min(1 + server_boost x S, max_server_step)``, where ``S = sum_i w_i s_i`` over
+  the hosts in drift (``s_i >= 0.5``: an event this round or the last, or a
+  detector past half its threshold; lower scores are mostly the noise of the DP
+  release). When many hosts drift together the global adapter moves further toward
+  the new concept; with no host in drift the step is exactly 1, so the whole update
+  is FedAvg's bit for bit. The step also scales the DP noise inside the mean update,
+  which is why it is bounded and decays with the scores (0.5 per round after an
+  event).
+
   Why this rule: see bench/RESULTS.md ("Drift policies") for the measurements that
   chose the boost and the damping thresholds.
 """
@@ -62,6 +72,7 @@ class Weighing:
     weights: dict[str, float]  # sum to 1
     damped: dict[str, str] = field(default_factory=dict)  # host -> reason
     scale: dict[str, float] = field(default_factory=dict)  # host -> delta factor
+    step: float = 1.0  # server step on the weighted mean update
 
 
 class Policy:
@@ -160,4 +171,16 @@ class DriftPolicy(Policy):
                     damped[u.name] = (
                         f"{damped[u.name]}; {note}" if u.name in damped else note
                     )
-        return Weighing(_normalise(raw), damped, scale)
+        weights = _normalise(raw)
+        # Flash-style server step: the share of the round's weight that comes from
+        # hosts in drift (score >= 0.5: an event this round or the one before, or a
+        # detector past half its threshold), scaled. Scores below 0.5 are mostly the
+        # DP noise of the release and do not move the step. No drift anywhere:
+        # exactly 1, FedAvg's step.
+        mean_score = sum(
+            weights[u.name] * min(u.drift_score, 1.0)
+            for u in updates
+            if u.drift_score >= 0.5
+        )
+        step = min(1.0 + cfg.server_boost * mean_score, cfg.max_server_step)
+        return Weighing(weights, damped, scale, step)

@@ -84,8 +84,13 @@ def write_report(folder: RunFolder, *, epsilon_budget: float | None = None) -> N
         events = [ln["round"] for ln in weighed if h in ln.get("drift_events", [])]
         ax_drift.scatter(events, [1.02] * len(events), color=color, marker="v", s=60)
     policy = next((ln["policy"] for ln in reversed(weighed) if "policy" in ln), "")
+    for ln in weighed:  # the server step, where drift made it larger than 1
+        if ln.get("server_step", 1.0) > 1.0:
+            ax_drift.annotate(
+                f"x{ln['server_step']:.2g}", (ln["round"], 0.9), ha="center", fontsize=8
+            )
     ax_drift.set(
-        title=f"Weight ({policy}, solid), drift score (dotted), events (v)",
+        title=f"Weight ({policy}), drift score (dotted), events (v), step (xN)",
         xlabel="round",
         ylabel="weight / score",
     )

@@ -47,6 +47,7 @@ class RoundOutcome:
     drift: dict[str, float] = field(default_factory=dict)  # host -> drift score
     drift_events: list[str] = field(default_factory=list)
     damped: dict[str, str] = field(default_factory=dict)  # host -> reason
+    step: float = 1.0  # server step on the weighted mean update
 
 
 def host_name(msg: Message) -> str:
@@ -155,6 +156,7 @@ class AdapterFedAvg(FedAvg):
         outcome.drift = {u.name: u.drift_score for u in updates}
         outcome.drift_events = [u.name for u in updates if u.drift_event]
         outcome.damped = weighing.damped
+        outcome.step = weighing.step
         if outcome.drift_events:
             log.warning(
                 "Round %s: drift events from %s",
@@ -164,18 +166,24 @@ class AdapterFedAvg(FedAvg):
         for host, why in weighing.damped.items():
             log.warning("Round %s: damped update from %s: %s", outcome.round, host, why)
         log.info(
-            "Round %s: policy %s, weights %s, drift scores %s, drift events %s",
+            "Round %s: policy %s, weights %s, drift scores %s, drift events %s, "
+            "server step %.3g",
             outcome.round,
             self.policy.name,
             outcome.weights,
             outcome.drift,
             outcome.drift_events,
+            weighing.step,
         )
         mean: OrderedDict[str, np.ndarray] = OrderedDict()
         for key, value in self.global_arrays.items():
             acc = np.zeros_like(value)
             for u in updates:
-                w = weighing.weights[u.name] * weighing.scale.get(u.name, 1.0)
+                w = (
+                    weighing.step
+                    * weighing.weights[u.name]
+                    * weighing.scale.get(u.name, 1.0)
+                )
                 acc += np.float32(w) * u.delta[key]
             mean[key] = acc
         self.global_arrays = apply_delta(self.global_arrays, mean)

@@ -50,6 +50,8 @@ BAD_VALUES = [
     ("aggregation", "drift_boost", -1.0),
     ("aggregation", "norm_limit", 1.0),
     ("aggregation", "min_cosine", 1.5),
+    ("aggregation", "server_boost", -1.0),
+    ("aggregation", "max_server_step", 0.5),
 ]
 
 

@@ -29,7 +29,7 @@ def _global():
     )
 
 
-def _reply(node, host, arrays, n=64, layout=None, error=None):
+def _reply(node, host, arrays, n=64, layout=None, error=None, extra=None):
     incoming = Message(content=RecordDict(), dst_node_id=node, message_type="train")
     if error:
         return Message(Error(code=2, reason=error), reply_to=incoming)
@@ -37,7 +37,9 @@ def _reply(node, host, arrays, n=64, layout=None, error=None):
     content = RecordDict(
         {
             "arrays": arrays,
-            "metrics": MetricRecord({"num-examples": n, "train-loss": 1.0}),
+            "metrics": MetricRecord(
+                {"num-examples": n, "train-loss": 1.0, **(extra or {})}
+            ),
             "info": info,
         }
     )
@@ -123,7 +125,7 @@ def _updates(scores, n=(64, 128, 96, 32), seed=0, scale=None):
     return out
 
 
-@pytest.mark.parametrize("score", [0.0, 0.4, 1.0])
+@pytest.mark.parametrize("score", [0.0, 0.4, 0.7, 1.0])
 def test_drift_policy_with_equal_scores_and_no_outliers_is_exactly_fedavg(score):
     from common.config import AggregationConfig
     from server.policies import DriftPolicy, FedAvgPolicy
@@ -133,6 +135,52 @@ def test_drift_policy_with_equal_scores_and_no_outliers_is_exactly_fedavg(score)
     fedavg = FedAvgPolicy(AggregationConfig()).weigh(updates)
     assert drift.weights == fedavg.weights
     assert drift.damped == {} and drift.scale == {}
+    # Hosts drifting together move the server step (Flash-style); no drift: 1.
+    assert drift.step == pytest.approx(1.0 + 2.0 * score if score >= 0.5 else 1.0)
+    assert fedavg.step == 1.0
+
+
+def test_drift_policy_without_drift_gives_fedavg_global_bit_for_bit():
+    from common.config import AggregationConfig
+    from server.policies import DriftPolicy, FedAvgPolicy
+
+    g = _global()
+    out = {}
+    for name, policy in (
+        ("fedavg", FedAvgPolicy(AggregationConfig())),
+        ("drift", DriftPolicy(AggregationConfig(policy="drift"))),
+    ):
+        strat = AdapterFedAvg(global_arrays=g, base_config={}, policy=policy)
+        replies = [
+            _reply(i, f"h{i}", _delta(g, 0.01 * i), n=32 * i) for i in range(1, 5)
+        ]
+        arrays, _ = strat.aggregate_train(1, replies)
+        out[name] = {k: arrays[k].numpy() for k in g}
+        assert strat.outcome.step == 1.0
+    assert all(np.array_equal(out["fedavg"][k], out["drift"][k]) for k in g)
+
+
+def test_drift_policy_server_step_scales_the_mean_update():
+    from common.config import AggregationConfig
+    from server.policies import DriftPolicy
+
+    g = _global()
+    cfg = AggregationConfig(policy="drift", drift_boost=0.0, server_boost=2.0)
+    strat = AdapterFedAvg(global_arrays=g, base_config={}, policy=DriftPolicy(cfg))
+    replies = [
+        _reply(1, "h1", _delta(g, 0.01), extra={"drift-score": 0.5}),
+        _reply(2, "h2", _delta(g, 0.03), extra={"drift-score": 0.4}),
+    ]
+    arrays, _ = strat.aggregate_train(1, replies)
+    # Equal weights (no boost); h2's 0.4 is below 0.5 and does not count: mean
+    # score 0.25, step 1.5 on the mean delta 0.02.
+    assert strat.outcome.step == pytest.approx(1.5)
+    for k in g:
+        np.testing.assert_allclose(arrays[k].numpy() - g[k], 0.03, atol=1e-5)
+    capped = DriftPolicy(
+        AggregationConfig(policy="drift", server_boost=10.0, max_server_step=2.5)
+    ).weigh(_updates([1.0] * 4))
+    assert capped.step == 2.5
 
 
 def test_drift_policy_boosts_drifting_hosts_and_damps_a_huge_update():
