@@ -117,33 +117,23 @@ def byte_tokenizer() -> PreTrainedTokenizerFast:
 
 
 _TINY_VOCAB = 258
+# Llama and Qwen2 take the same decoder settings.
+_TINY_DECODER: dict[str, Any] = dict(
+    vocab_size=_TINY_VOCAB,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=512,
+    pad_token_id=256,
+    eos_token_id=257,
+    bos_token_id=257,
+    tie_word_embeddings=True,
+)
 _TINY_CONFIGS: dict[str, Callable[[], PretrainedConfig]] = {
-    "tiny-llama": lambda: LlamaConfig(
-        vocab_size=_TINY_VOCAB,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
-        pad_token_id=256,
-        eos_token_id=257,
-        bos_token_id=257,
-        tie_word_embeddings=True,
-    ),
-    "tiny-qwen2": lambda: Qwen2Config(
-        vocab_size=_TINY_VOCAB,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
-        pad_token_id=256,
-        eos_token_id=257,
-        bos_token_id=257,
-        tie_word_embeddings=True,
-    ),
+    "tiny-llama": lambda: LlamaConfig(**_TINY_DECODER),
+    "tiny-qwen2": lambda: Qwen2Config(**_TINY_DECODER),
     "tiny-gpt2": lambda: GPT2Config(
         vocab_size=_TINY_VOCAB,
         n_embd=64,
