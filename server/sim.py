@@ -288,6 +288,20 @@ def run(
         shapes = {k: tuple(v.shape) for k, v in trainable_state(model).items()}
         folder.load_arrays(folder.last_round(), shapes)
     del base
+    last = cfg.federation.rounds if stop_after is None else stop_after
+    if folder.last_round() >= min(last, cfg.federation.rounds):
+        # Nothing to train (the last checkpoint loads): no Ray; the report is
+        # brought up to date.
+        from server.report import write_report
+
+        budget = cfg.privacy.target_epsilon if cfg.privacy.enabled else None
+        write_report(folder, epsilon_budget=budget)
+        if not quiet:
+            print(
+                f"fedstream-sim: {cfg.out} already has {folder.last_round()} rounds; "
+                "nothing to do"
+            )
+        return Path(cfg.out)
     sigma = None
     if cfg.privacy.enabled:
         sigma = run_noise_multiplier(cfg)
