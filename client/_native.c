@@ -1,0 +1,535 @@
+/* Native near-duplicate index for client.ingest: word 3-gram MinHash sketches and a
+ * banded LSH over the last `horizon` records.
+ *
+ * Tokens are hashed here with rensa's FxHash-style byte hash (rensa src/utils.rs,
+ * checked against rensa's own `hash_token_sets` in the tests); rensa turns the flat
+ * hashes of a batch into MinHash digests; the index below keeps the digests.
+ *
+ * A record is a near-duplicate when it shares a whole band (rows consecutive digest
+ * values) with an indexed record whose digest agrees with its own in at least
+ * `threshold` of the positions.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <stdint.h>
+#include <string.h>
+
+#if PY_LITTLE_ENDIAN != 1
+#error "client._native assumes a little-endian host"
+#endif
+
+/* ---- rensa's token hash (src/utils.rs: calculate_hash_fast) ------------------ */
+
+static inline uint64_t rd64(const unsigned char *p) {
+    uint64_t v;
+    memcpy(&v, p, 8);
+    return v; /* little-endian host (x86-64, aarch64) */
+}
+
+static inline uint32_t rd32(const unsigned char *p) {
+    uint32_t v;
+    memcpy(&v, p, 4);
+    return v;
+}
+
+static inline uint64_t mix(uint64_t x, uint64_t y) {
+    unsigned __int128 full = (unsigned __int128)x * y;
+    return (uint64_t)full ^ (uint64_t)(full >> 64);
+}
+
+static inline uint64_t rotl64(uint64_t x, int r) { return (x << r) | (x >> (64 - r)); }
+
+static uint64_t token_hash(const unsigned char *b, size_t len) {
+    uint64_t s0 = 0x243f6a8885a308d3ULL, s1 = 0x13198a2e03707344ULL;
+    if (len <= 16) {
+        if (len >= 8) {
+            s0 ^= rd64(b);
+            s1 ^= rd64(b + len - 8);
+        } else if (len >= 4) {
+            s0 ^= rd32(b);
+            s1 ^= rd32(b + len - 4);
+        } else if (len > 0) {
+            s0 ^= b[0];
+            s1 ^= ((uint64_t)b[len - 1] << 8) | b[len / 2];
+        }
+    } else {
+        size_t off = 0;
+        while (off < len - 16) {
+            uint64_t t = mix(s0 ^ rd64(b + off), 0xa4093822299f31d0ULL ^ rd64(b + off + 8));
+            s0 = s1;
+            s1 = t;
+            off += 16;
+        }
+        s0 ^= rd64(b + len - 16);
+        s1 ^= rd64(b + len - 8);
+    }
+    uint64_t h = mix(s0, s1) ^ (uint64_t)len;
+    return rotl64(h * 0xf1357aea2e62a9c5ULL, 26);
+}
+
+/* ---- shingles of an ASCII key text: word 3-grams, as client.ingest.shingles ---- */
+
+static inline int is_word(unsigned char c) {
+    return (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') ||
+           c == '_';
+}
+
+typedef struct {
+    uint64_t *h;
+    Py_ssize_t n, cap;
+} HashVec;
+
+static int push(HashVec *v, uint64_t x) {
+    if (v->n == v->cap) {
+        Py_ssize_t cap = v->cap ? 2 * v->cap : 64;
+        uint64_t *h = PyMem_Realloc(v->h, cap * sizeof(uint64_t));
+        if (!h) return -1;
+        v->h = h;
+        v->cap = cap;
+    }
+    v->h[v->n++] = x;
+    return 0;
+}
+
+/* Words are the runs of [A-Za-z0-9_] (ASCII \w); a shingle is three consecutive
+ * words joined by one space; fewer than three words make one shingle of them all. */
+static int ascii_shingles(const unsigned char *s, Py_ssize_t len, HashVec *out,
+                          unsigned char **buf, Py_ssize_t *bufcap) {
+    Py_ssize_t starts[3], ends[3]; /* the last three words, as a ring */
+    Py_ssize_t words = 0;
+    if (*bufcap < len + 3) {
+        unsigned char *nb = PyMem_Realloc(*buf, len + 3);
+        if (!nb) return -1;
+        *buf = nb;
+        *bufcap = len + 3;
+    }
+    Py_ssize_t i = 0;
+    while (i < len) {
+        while (i < len && !is_word(s[i])) i++;
+        if (i >= len) break;
+        Py_ssize_t st = i;
+        while (i < len && is_word(s[i])) i++;
+        starts[words % 3] = st;
+        ends[words % 3] = i;
+        words++;
+        if (words >= 3) {
+            Py_ssize_t k = 0;
+            for (Py_ssize_t w = words - 3; w < words; w++) {
+                Py_ssize_t wl = ends[w % 3] - starts[w % 3];
+                if (k) (*buf)[k++] = ' ';
+                memcpy(*buf + k, s + starts[w % 3], wl);
+                k += wl;
+            }
+            if (push(out, token_hash(*buf, k)) < 0) return -1;
+        }
+    }
+    if (words < 3) {
+        Py_ssize_t k = 0;
+        for (Py_ssize_t w = 0; w < words; w++) {
+            Py_ssize_t wl = ends[w] - starts[w];
+            if (k) (*buf)[k++] = ' ';
+            memcpy(*buf + k, s + starts[w], wl);
+            k += wl;
+        }
+        if (push(out, token_hash(*buf, k)) < 0) return -1;
+    }
+    return 0;
+}
+
+/* ---- the index --------------------------------------------------------------- */
+
+typedef struct {
+    PyObject_HEAD int num_perm, bands, rows;
+    Py_ssize_t horizon;
+    double threshold;
+    uint32_t *dig;     /* (horizon, num_perm) */
+    int64_t *keys;     /* (horizon,) key held by the slot, -1 when empty */
+    uint64_t *bh;      /* (horizon, bands) band hashes */
+    int32_t *nxt, *prv; /* (horizon, bands) chain links, -1 at the ends */
+    int32_t *heads;    /* (bands, nbuckets) */
+    uint32_t mask;
+    int64_t next_key;
+    Py_ssize_t size;
+    uint32_t *stamp; /* (horizon,) last query that verified the slot */
+    uint32_t query_no;
+} NearIndex;
+
+static uint64_t band_hash(const uint32_t *v, int rows) {
+    uint64_t h = 0x9e3779b97f4a7c15ULL;
+    for (int i = 0; i < rows; i++) h = (h ^ v[i]) * 0xff51afd7ed558ccdULL;
+    return h ^ (h >> 29);
+}
+
+static void NearIndex_dealloc(NearIndex *self) {
+    PyMem_Free(self->dig);
+    PyMem_Free(self->keys);
+    PyMem_Free(self->bh);
+    PyMem_Free(self->nxt);
+    PyMem_Free(self->prv);
+    PyMem_Free(self->heads);
+    PyMem_Free(self->stamp);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static int NearIndex_init(NearIndex *self, PyObject *args, PyObject *kw) {
+    static char *names[] = {"num_perm", "bands", "horizon", "threshold", NULL};
+    int num_perm, bands;
+    Py_ssize_t horizon;
+    double threshold;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "$iind", names, &num_perm, &bands, &horizon,
+                                     &threshold))
+        return -1;
+    if (num_perm <= 0 || bands <= 0 || num_perm % bands || horizon < 0 ||
+        horizon > (1 << 28)) {
+        PyErr_SetString(PyExc_ValueError,
+                        "num_perm must be a positive multiple of bands, horizon in 0..2**28");
+        return -1;
+    }
+    if (self->dig) {
+        PyErr_SetString(PyExc_RuntimeError, "NearIndex is already initialised");
+        return -1;
+    }
+    self->num_perm = num_perm;
+    self->bands = bands;
+    self->rows = num_perm / bands;
+    self->horizon = horizon;
+    self->threshold = threshold;
+    if (horizon == 0) horizon = 1; /* a horizon of 0 keeps nothing; one spare slot */
+    uint32_t nb = 1;
+    while (nb < 2 * (uint64_t)horizon) nb <<= 1;
+    self->mask = nb - 1;
+    self->dig = PyMem_Malloc((size_t)horizon * num_perm * sizeof(uint32_t));
+    self->keys = PyMem_Malloc((size_t)horizon * sizeof(int64_t));
+    self->bh = PyMem_Malloc((size_t)horizon * bands * sizeof(uint64_t));
+    self->nxt = PyMem_Malloc((size_t)horizon * bands * sizeof(int32_t));
+    self->prv = PyMem_Malloc((size_t)horizon * bands * sizeof(int32_t));
+    self->heads = PyMem_Malloc((size_t)nb * bands * sizeof(int32_t));
+    self->stamp = PyMem_Calloc((size_t)horizon, sizeof(uint32_t));
+    if (!self->dig || !self->keys || !self->bh || !self->nxt ||
+        !self->prv || !self->heads || !self->stamp) {
+        PyErr_NoMemory();
+        return -1;
+    }
+    for (Py_ssize_t i = 0; i < horizon; i++) self->keys[i] = -1;
+    for (size_t i = 0; i < (size_t)nb * bands; i++) self->heads[i] = -1;
+    return 0;
+}
+
+/* digests argument: a C-contiguous buffer of (n, num_perm) uint32 */
+static const uint32_t *row_of(NearIndex *self, Py_buffer *view, Py_ssize_t row) {
+    Py_ssize_t width = (Py_ssize_t)self->num_perm * 4;
+    if (view->len % width || row < 0 || row >= view->len / width) {
+        PyErr_SetString(PyExc_IndexError, "digest row out of range");
+        return NULL;
+    }
+    return (const uint32_t *)((const char *)view->buf + row * width);
+}
+
+static int query_digest(NearIndex *self, const uint32_t *d) {
+    int rows = self->rows, n = self->num_perm;
+    if (++self->query_no == 0) { /* wrapped: forget old stamps */
+        memset(self->stamp, 0, self->horizon * sizeof(uint32_t));
+        self->query_no = 1;
+    }
+    for (int band = 0; band < self->bands; band++) {
+        const uint32_t *bv = d + band * rows;
+        uint64_t h = band_hash(bv, rows);
+        int32_t slot = self->heads[(size_t)band * (self->mask + 1) + (h & self->mask)];
+        while (slot >= 0) {
+            size_t sb = (size_t)slot * self->bands + band;
+            const uint32_t *other = self->dig + (size_t)slot * n;
+            if (self->bh[sb] == h && self->stamp[slot] != self->query_no &&
+                memcmp(other + band * rows, bv, rows * sizeof(uint32_t)) == 0) {
+                self->stamp[slot] = self->query_no;
+                int agree = 0;
+                for (int i = 0; i < n; i++) agree += other[i] == d[i];
+                if ((double)agree / (double)n >= self->threshold) return 1;
+            }
+            slot = self->nxt[sb];
+        }
+    }
+    return 0;
+}
+
+static void unlink_slot(NearIndex *self, int32_t slot) {
+    for (int band = 0; band < self->bands; band++) {
+        size_t sb = (size_t)slot * self->bands + band;
+        int32_t p = self->prv[sb], x = self->nxt[sb];
+        if (p >= 0)
+            self->nxt[(size_t)p * self->bands + band] = x;
+        else
+            self->heads[(size_t)band * (self->mask + 1) + (self->bh[sb] & self->mask)] = x;
+        if (x >= 0) self->prv[(size_t)x * self->bands + band] = p;
+    }
+    self->keys[slot] = -1;
+    self->size--;
+}
+
+static int64_t add_digest(NearIndex *self, const uint32_t *d) {
+    int64_t key = self->next_key++;
+    if (self->horizon == 0) return key; /* evicted at once */
+    int32_t slot = (int32_t)(key % self->horizon);
+    if (self->keys[slot] >= 0) unlink_slot(self, slot); /* the oldest record leaves */
+    memcpy(self->dig + (size_t)slot * self->num_perm, d, self->num_perm * sizeof(uint32_t));
+    for (int band = 0; band < self->bands; band++) {
+        size_t sb = (size_t)slot * self->bands + band;
+        uint64_t h = band_hash(d + band * self->rows, self->rows);
+        int32_t *head = &self->heads[(size_t)band * (self->mask + 1) + (h & self->mask)];
+        self->bh[sb] = h;
+        self->prv[sb] = -1;
+        self->nxt[sb] = *head;
+        if (*head >= 0) self->prv[(size_t)*head * self->bands + band] = slot;
+        *head = slot;
+    }
+    self->keys[slot] = key;
+    self->stamp[slot] = 0;
+    self->size++;
+    return key;
+}
+
+static PyObject *NearIndex_query(NearIndex *self, PyObject *args) {
+    Py_buffer view;
+    Py_ssize_t row;
+    if (!PyArg_ParseTuple(args, "y*n", &view, &row)) return NULL;
+    const uint32_t *d = row_of(self, &view, row);
+    int found = d ? query_digest(self, d) : -1;
+    PyBuffer_Release(&view);
+    if (found < 0) return NULL;
+    return PyBool_FromLong(found);
+}
+
+static PyObject *NearIndex_add(NearIndex *self, PyObject *args) {
+    Py_buffer view;
+    Py_ssize_t row;
+    if (!PyArg_ParseTuple(args, "y*n", &view, &row)) return NULL;
+    const uint32_t *d = row_of(self, &view, row);
+    if (!d) {
+        PyBuffer_Release(&view);
+        return NULL;
+    }
+    int64_t key = add_digest(self, d);
+    PyBuffer_Release(&view);
+    return PyLong_FromLongLong(key);
+}
+
+/* query, then add when it is not a near-duplicate: the key, or -1 */
+static PyObject *NearIndex_offer(NearIndex *self, PyObject *args) {
+    Py_buffer view;
+    Py_ssize_t row;
+    if (!PyArg_ParseTuple(args, "y*n", &view, &row)) return NULL;
+    const uint32_t *d = row_of(self, &view, row);
+    if (!d) {
+        PyBuffer_Release(&view);
+        return NULL;
+    }
+    int64_t key = query_digest(self, d) ? -1 : add_digest(self, d);
+    PyBuffer_Release(&view);
+    return PyLong_FromLongLong(key);
+}
+
+static PyObject *NearIndex_remove(NearIndex *self, PyObject *arg) {
+    long long key = PyLong_AsLongLong(arg);
+    if (key == -1 && PyErr_Occurred()) return NULL;
+    if (key < 0 || key >= self->next_key || self->horizon == 0) Py_RETURN_NONE;
+    int32_t slot = (int32_t)(key % self->horizon);
+    if (self->keys[slot] == key) unlink_slot(self, slot);
+    /* Removing the newest keys (a failed commit) hands their slots back, so the
+     * index holds exactly what it held before they were added. */
+    while (self->next_key > 0 &&
+           self->keys[(self->next_key - 1) % self->horizon] != self->next_key - 1)
+        self->next_key--;
+    Py_RETURN_NONE;
+}
+
+static PyObject *NearIndex_candidates(NearIndex *self, PyObject *args) {
+    Py_buffer view;
+    Py_ssize_t row;
+    if (!PyArg_ParseTuple(args, "y*n", &view, &row)) return NULL;
+    const uint32_t *d = row_of(self, &view, row);
+    PyObject *out = d ? PySet_New(NULL) : NULL;
+    if (!out) {
+        PyBuffer_Release(&view);
+        return NULL;
+    }
+    for (int band = 0; band < self->bands; band++) {
+        const uint32_t *bv = d + band * self->rows;
+        uint64_t h = band_hash(bv, self->rows);
+        int32_t slot = self->heads[(size_t)band * (self->mask + 1) + (h & self->mask)];
+        while (slot >= 0) {
+            size_t sb = (size_t)slot * self->bands + band;
+            if (self->bh[sb] == h &&
+                memcmp(self->dig + (size_t)slot * self->num_perm + band * self->rows, bv,
+                       self->rows * sizeof(uint32_t)) == 0) {
+                PyObject *k = PyLong_FromLongLong(self->keys[slot]);
+                if (!k || PySet_Add(out, k) < 0) {
+                    Py_XDECREF(k);
+                    Py_DECREF(out);
+                    PyBuffer_Release(&view);
+                    return NULL;
+                }
+                Py_DECREF(k);
+            }
+            slot = self->nxt[sb];
+        }
+    }
+    PyBuffer_Release(&view);
+    return out;
+}
+
+static Py_ssize_t NearIndex_len(NearIndex *self) { return self->size; }
+
+static PyMethodDef NearIndex_methods[] = {
+    {"query", (PyCFunction)NearIndex_query, METH_VARARGS,
+     "query(digests, row) -> bool: is the row a near-duplicate of an indexed record?"},
+    {"add", (PyCFunction)NearIndex_add, METH_VARARGS,
+     "add(digests, row) -> key: index the row, the oldest record leaving at the horizon."},
+    {"offer", (PyCFunction)NearIndex_offer, METH_VARARGS,
+     "offer(digests, row) -> key, or -1 for a near-duplicate (then nothing is added)."},
+    {"remove", (PyCFunction)NearIndex_remove, METH_O, "remove(key): drop a record."},
+    {"candidates", (PyCFunction)NearIndex_candidates, METH_VARARGS,
+     "candidates(digests, row) -> set of keys sharing a whole band with the row."},
+    {NULL, NULL, 0, NULL}};
+
+static PySequenceMethods NearIndex_as_sequence = {.sq_length = (lenfunc)NearIndex_len};
+
+static PyTypeObject NearIndexType = {
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "client._native.NearIndex",
+    .tp_basicsize = sizeof(NearIndex),
+    .tp_dealloc = (destructor)NearIndex_dealloc,
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_doc = "Banded MinHash LSH over the last `horizon` records.",
+    .tp_methods = NearIndex_methods,
+    .tp_as_sequence = &NearIndex_as_sequence,
+    .tp_init = (initproc)NearIndex_init,
+    .tp_new = PyType_GenericNew,
+};
+
+static PyObject *py_token_hash(PyObject *Py_UNUSED(mod), PyObject *arg) {
+    Py_buffer view;
+    if (PyObject_GetBuffer(arg, &view, PyBUF_SIMPLE) < 0) return NULL;
+    uint64_t h = token_hash(view.buf, view.len);
+    PyBuffer_Release(&view);
+    return PyLong_FromUnsignedLongLong(h);
+}
+
+/* token_hashes(items) -> (hashes, offsets): the token hashes of every item, flat, as
+ * native uint64 bytes, and len(items) + 1 row offsets into them. An item is an ASCII
+ * key text (shingled here) or a list of str tokens (shingled by the caller). */
+static PyObject *py_token_hashes(PyObject *Py_UNUSED(mod), PyObject *items) {
+    PyObject *seq = PySequence_Fast(items, "token_hashes() takes a list");
+    if (!seq) return NULL;
+    Py_ssize_t n = PySequence_Fast_GET_SIZE(seq);
+    HashVec hv = {0};
+    unsigned char *buf = NULL;
+    Py_ssize_t bufcap = 0;
+    PyObject *offsets = PyBytes_FromStringAndSize(NULL, (n + 1) * sizeof(uint64_t));
+    if (!offsets) goto fail;
+    uint64_t *off = (uint64_t *)PyBytes_AS_STRING(offsets);
+    off[0] = 0;
+    for (Py_ssize_t j = 0; j < n; j++) {
+        PyObject *item = PySequence_Fast_GET_ITEM(seq, j);
+        if (PyUnicode_Check(item)) {
+            if (!PyUnicode_IS_ASCII(item)) {
+                PyErr_SetString(PyExc_ValueError, "token_hashes(): a str item must be ASCII");
+                goto fail;
+            }
+            if (ascii_shingles(PyUnicode_1BYTE_DATA(item), PyUnicode_GET_LENGTH(item), &hv,
+                               &buf, &bufcap) < 0)
+                goto nomem;
+        } else {
+            PyObject *toks = PySequence_Fast(item, "token_hashes(): an item is a str or a list");
+            if (!toks) goto fail;
+            for (Py_ssize_t t = 0; t < PySequence_Fast_GET_SIZE(toks); t++) {
+                Py_ssize_t len;
+                const char *s = PyUnicode_AsUTF8AndSize(PySequence_Fast_GET_ITEM(toks, t), &len);
+                if (!s || push(&hv, token_hash((const unsigned char *)s, len)) < 0) {
+                    Py_DECREF(toks);
+                    if (!s) goto fail;
+                    goto nomem;
+                }
+            }
+            Py_DECREF(toks);
+        }
+        off[j + 1] = (uint64_t)hv.n;
+    }
+    PyObject *hashes = PyBytes_FromStringAndSize((const char *)hv.h, hv.n * sizeof(uint64_t));
+    PyMem_Free(hv.h);
+    PyMem_Free(buf);
+    Py_DECREF(seq);
+    if (!hashes) {
+        Py_DECREF(offsets);
+        return NULL;
+    }
+    return Py_BuildValue("(NN)", hashes, offsets);
+nomem:
+    PyErr_NoMemory();
+fail:
+    PyMem_Free(hv.h);
+    PyMem_Free(buf);
+    Py_DECREF(seq);
+    Py_XDECREF(offsets);
+    return NULL;
+}
+
+/* rows_to_bytes(rows, width) -> bytes: a list of `width` int lists (rensa's digests)
+ * as one (len(rows), width) uint32 matrix. */
+static PyObject *py_rows_to_bytes(PyObject *Py_UNUSED(mod), PyObject *args) {
+    PyObject *rows;
+    Py_ssize_t width;
+    if (!PyArg_ParseTuple(args, "On", &rows, &width)) return NULL;
+    PyObject *seq = PySequence_Fast(rows, "rows_to_bytes() takes a list");
+    if (!seq) return NULL;
+    Py_ssize_t n = PySequence_Fast_GET_SIZE(seq);
+    PyObject *out = PyBytes_FromStringAndSize(NULL, n * width * 4);
+    if (!out) goto fail;
+    uint32_t *dst = (uint32_t *)PyBytes_AS_STRING(out);
+    for (Py_ssize_t j = 0; j < n; j++) {
+        PyObject *row = PySequence_Fast(PySequence_Fast_GET_ITEM(seq, j), "a row is a list");
+        if (!row) goto fail;
+        if (PySequence_Fast_GET_SIZE(row) != width) {
+            Py_DECREF(row);
+            PyErr_SetString(PyExc_ValueError, "rows_to_bytes(): a row of the wrong width");
+            goto fail;
+        }
+        for (Py_ssize_t i = 0; i < width; i++) {
+            unsigned long v = PyLong_AsUnsignedLong(PySequence_Fast_GET_ITEM(row, i));
+            if (v == (unsigned long)-1 && PyErr_Occurred()) {
+                Py_DECREF(row);
+                goto fail;
+            }
+            dst[j * width + i] = (uint32_t)v;
+        }
+        Py_DECREF(row);
+    }
+    Py_DECREF(seq);
+    return out;
+fail:
+    Py_DECREF(seq);
+    Py_XDECREF(out);
+    return NULL;
+}
+
+static PyMethodDef module_methods[] = {
+    {"token_hashes", py_token_hashes, METH_O,
+     "token_hashes(items) -> (flat uint64 hashes, uint64 row offsets)."},
+    {"rows_to_bytes", py_rows_to_bytes, METH_VARARGS,
+     "rows_to_bytes(rows, width) -> (len(rows), width) uint32 matrix as bytes."},
+    {"token_hash", py_token_hash, METH_O, "token_hash(bytes) -> rensa's u64 token hash."},
+    {NULL, NULL, 0, NULL}};
+
+static struct PyModuleDef native_module = {PyModuleDef_HEAD_INIT, "client._native",
+                                           "Native hot paths of ingestion.", -1,
+                                           module_methods, NULL, NULL, NULL, NULL};
+
+PyMODINIT_FUNC PyInit__native(void) {
+    if (PyType_Ready(&NearIndexType) < 0) return NULL;
+    PyObject *m = PyModule_Create(&native_module);
+    if (!m) return NULL;
+    Py_INCREF(&NearIndexType);
+    if (PyModule_AddObject(m, "NearIndex", (PyObject *)&NearIndexType) < 0) {
+        Py_DECREF(&NearIndexType);
+        Py_DECREF(m);
+        return NULL;
+    }
+    return m;
+}
