@@ -26,7 +26,10 @@ from typing import Any, NamedTuple
 import numpy as np
 from rensa import RMinHash
 
-from client._native import NearIndex, rows_to_bytes, token_hashes
+try:
+    from client._native import NearIndex, rows_to_bytes, token_hashes
+except ImportError:  # not built (a Flower App bundle ships sources): same, slower
+    from client.near_py import NearIndex, rows_to_bytes, token_hashes  # type: ignore[assignment]
 from client.gate import Clean, Gate, Rejected, normalise
 from client.store import Batch, Store
 

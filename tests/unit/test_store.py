@@ -4,6 +4,7 @@ import base64
 import json
 import os
 import stat
+from pathlib import Path
 
 import pytest
 
@@ -17,6 +18,18 @@ def _texts(n):
         f"ward {i % 5}"
         for i in range(n)
     ]
+
+
+@pytest.fixture(params=["native", "python"])
+def near_impl(request, monkeypatch):
+    """client._native, and its pure-Python twin for unbuilt source trees."""
+    if request.param == "python":
+        import client.ingest
+        import client.near_py
+
+        for name in ("NearIndex", "rows_to_bytes", "token_hashes"):
+            monkeypatch.setattr(client.ingest, name, getattr(client.near_py, name))
+    return request.param
 
 
 def _open(tmp_path, **kw):
@@ -109,7 +122,9 @@ def test_counters_account_for_every_input(tmp_path):
     assert sum(v for k, v in c.items() if k.startswith("quarantined:")) == 3
 
 
-def test_near_duplicates_are_quarantined_and_horizon_survives_restart(tmp_path):
+def test_near_duplicates_are_quarantined_and_horizon_survives_restart(
+    tmp_path, near_impl
+):
     store = _open(tmp_path)
     base = (
         "the quarterly report shows revenue growth in every region with strong "
@@ -139,7 +154,7 @@ def test_near_duplicates_are_quarantined_and_horizon_survives_restart(tmp_path):
     assert reasons == ["near_duplicate"]
 
 
-def test_near_duplicate_index_finds_exactly_the_band_matches():
+def test_near_duplicate_index_finds_exactly_the_band_matches(near_impl):
     """The native LSH index proposes exactly the records that share a whole band
     (16 bands of 8 rows) with the query, and verification is digest agreement."""
     import numpy as np
@@ -173,7 +188,7 @@ def test_near_duplicate_index_finds_exactly_the_band_matches():
         assert near.query(sketches, i) == (agree >= 0.8)
 
 
-def test_near_duplicate_sketches_are_rensas():
+def test_near_duplicate_sketches_are_rensas(near_impl):
     """Tokens cut and hashed natively give rensa's own sketches of the Python
     shingles, ASCII or not, short or long."""
     import numpy as np
@@ -201,7 +216,7 @@ def test_near_duplicate_sketches_are_rensas():
     assert ours == RMinHash.hash_token_sets([tokens])[0]
 
 
-def test_near_duplicate_index_is_bounded_and_forgets_a_failed_batch():
+def test_near_duplicate_index_is_bounded_and_forgets_a_failed_batch(near_impl):
     """The horizon holds the newest records; removing the newest keys (a failed
     commit) leaves the index as it was, so later adds evict the same records."""
     from client.ingest import NearDuplicates
@@ -335,3 +350,33 @@ def test_a_store_of_layout_1_is_migrated_on_open(tmp_path):
     assert acks[1].seq == 7  # seq 6 was handed out once; never again
     store.close()
     _open(tmp_path).close()  # opening a migrated store again changes nothing
+
+
+def test_native_and_python_near_duplicates_decide_alike(tmp_path, monkeypatch):
+    """The bench's stream through both implementations: the same acknowledgements."""
+    import sys
+
+    import client.ingest
+    import client.near_py
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
+    from ingest import make_records
+
+    records = make_records(3000)
+    acks = []
+    for impl in ("native", "python"):
+        if impl == "python":
+            for name in ("NearIndex", "rows_to_bytes", "token_hashes"):
+                monkeypatch.setattr(client.ingest, name, getattr(client.near_py, name))
+        store = Store(tmp_path / f"{impl}.db", load_key(tmp_path / "key"))
+        ing = Ingestor(store)
+        acks.append(
+            [
+                (a.status, a.reason)
+                for i in range(0, len(records), 256)
+                for a in ing.submit([(r, "b") for r in records[i : i + 256]])
+            ]
+        )
+        store.close()
+    assert acks[0] == acks[1]
+    assert sum(a == ("QUARANTINED", "near_duplicate") for a in acks[0]) > 50
