@@ -1,4 +1,5 @@
-/* Native near-duplicate index for client.ingest: word 3-gram MinHash sketches and a
+/* Native hot paths of ingestion: the gate's fast path for the common record shape,
+ * and the near-duplicate index for client.ingest: word 3-gram MinHash sketches and a
  * banded LSH over the last `horizon` records.
  *
  * Tokens are hashed here with rensa's FxHash-style byte hash (rensa src/utils.rs,
@@ -12,6 +13,7 @@
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 
 #if PY_LITTLE_ENDIAN != 1
@@ -509,7 +511,237 @@ fail:
     return NULL;
 }
 
+/* ---- the gate's fast path: the common record shape, parsed and checked ---------
+ *
+ * simple_records(raws, max_raw_bytes, max_text_bytes, max_tags, max_field_chars)
+ * -> list of (content, ts) or None per input. An input gets a result only when it is
+ * an ASCII JSON object of the usual shape ("text", optional "label", "id" strings,
+ * "tags" list of strings, "ts" a non-negative number), with no escapes beyond
+ * \" \\ \/ \n \r \t, no duplicate keys, and every check of client.gate passing; for
+ * such an input client.gate's own path yields exactly this content (same key order)
+ * and ts: control-character stripping and NFC change nothing in it. Anything else
+ * (None) takes client.gate's own path, which also gives every rejection its reason.
+ */
+
+typedef struct {
+    const unsigned char *p, *end;
+} Cursor;
+
+static inline void skip_ws(Cursor *c) {
+    while (c->p < c->end && (*c->p == ' ' || *c->p == '\t' || *c->p == '\n' || *c->p == '\r'))
+        c->p++;
+}
+
+/* A JSON string at c->p, decoded into buf (cap bytes); its length, or -1 when it is
+ * outside the fast subset. */
+static Py_ssize_t parse_string(Cursor *c, char *buf, Py_ssize_t cap) {
+    if (c->p >= c->end || *c->p != '"') return -1;
+    c->p++;
+    Py_ssize_t n = 0;
+    while (c->p < c->end) {
+        unsigned char ch = *c->p++;
+        if (ch == '"') return n;
+        if (ch < 0x20 || ch >= 0x7f) return -1; /* invalid JSON, DEL, or non-ASCII */
+        if (ch == '\\') {
+            if (c->p >= c->end) return -1;
+            switch (*c->p++) {
+            case '"': ch = '"'; break;
+            case '\\': ch = '\\'; break;
+            case '/': ch = '/'; break;
+            case 'n': ch = '\n'; break;
+            case 'r': ch = '\r'; break;
+            case 't': ch = '\t'; break;
+            default: return -1;
+            }
+        }
+        if (n >= cap) return -1;
+        buf[n++] = (char)ch;
+    }
+    return -1;
+}
+
+static PyObject *ascii_str(const char *s, Py_ssize_t n) {
+    PyObject *o = PyUnicode_New(n, 127);
+    if (o) memcpy(PyUnicode_1BYTE_DATA(o), s, n);
+    return o;
+}
+
+enum { F_TEXT = 1, F_LABEL = 2, F_ID = 4, F_TAGS = 8, F_TS = 16 };
+
+/* 1: parsed into *content / *ts; 0: not the fast shape; -1: Python error */
+static int simple_record(const unsigned char *raw, Py_ssize_t len, Py_ssize_t max_text,
+                         Py_ssize_t max_tags, Py_ssize_t max_field, char *buf,
+                         PyObject **content, double *ts) {
+    Cursor c = {raw, raw + len};
+    PyObject *text = NULL, *label = NULL, *id = NULL, *tags = NULL;
+    int seen = 0, ok = 0;
+    *ts = 0.0;
+    skip_ws(&c);
+    if (c.p >= c.end || *c.p++ != '{') return 0;
+    skip_ws(&c);
+    if (c.p < c.end && *c.p == '}') goto done; /* {} has no text: the slow path says so */
+    for (;;) {
+        char key[8];
+        Py_ssize_t kn = parse_string(&c, key, sizeof key);
+        int field = 0;
+        if (kn == 4 && !memcmp(key, "text", 4)) field = F_TEXT;
+        else if (kn == 5 && !memcmp(key, "label", 5)) field = F_LABEL;
+        else if (kn == 2 && !memcmp(key, "id", 2)) field = F_ID;
+        else if (kn == 4 && !memcmp(key, "tags", 4)) field = F_TAGS;
+        else if (kn == 2 && !memcmp(key, "ts", 2)) field = F_TS;
+        if (!field || (seen & field)) goto done;
+        seen |= field;
+        skip_ws(&c);
+        if (c.p >= c.end || *c.p++ != ':') goto done;
+        skip_ws(&c);
+        if (field == F_TEXT || field == F_LABEL || field == F_ID) {
+            Py_ssize_t cap = field == F_TEXT ? max_text : max_field;
+            Py_ssize_t n = parse_string(&c, buf, cap);
+            if (n <= 0) goto done; /* empty, too long, or outside the subset */
+            if (field == F_TEXT) {
+                Py_ssize_t i = 0;
+                while (i < n && (buf[i] == ' ' || buf[i] == '\t' || buf[i] == '\n' ||
+                                 buf[i] == '\r'))
+                    i++;
+                if (i == n) goto done; /* whitespace only */
+            }
+            PyObject *o = ascii_str(buf, n);
+            if (!o) goto fail;
+            *(field == F_TEXT ? &text : field == F_LABEL ? &label : &id) = o;
+        } else if (field == F_TAGS) {
+            if (c.p >= c.end || *c.p++ != '[') goto done;
+            tags = PyList_New(0);
+            if (!tags) goto fail;
+            skip_ws(&c);
+            if (c.p < c.end && *c.p == ']') {
+                c.p++;
+            } else {
+                for (;;) {
+                    Py_ssize_t n = parse_string(&c, buf, max_field);
+                    if (n <= 0 || PyList_GET_SIZE(tags) >= max_tags) goto done;
+                    PyObject *o = ascii_str(buf, n);
+                    if (!o) goto fail;
+                    int err = PyList_Append(tags, o);
+                    Py_DECREF(o);
+                    if (err < 0) goto fail;
+                    skip_ws(&c);
+                    if (c.p < c.end && *c.p == ',') {
+                        c.p++;
+                        skip_ws(&c);
+                        continue;
+                    }
+                    if (c.p < c.end && *c.p == ']') {
+                        c.p++;
+                        break;
+                    }
+                    goto done;
+                }
+            }
+        } else { /* ts: digits, an optional fraction and exponent; no sign */
+            const unsigned char *st = c.p;
+            char num[64];
+            if (c.p >= c.end || *c.p < '0' || *c.p > '9') goto done;
+            if (*c.p == '0' && c.p + 1 < c.end && c.p[1] >= '0' && c.p[1] <= '9') goto done;
+            while (c.p < c.end && *c.p >= '0' && *c.p <= '9') c.p++;
+            if (c.p < c.end && *c.p == '.') {
+                c.p++;
+                if (c.p >= c.end || *c.p < '0' || *c.p > '9') goto done;
+                while (c.p < c.end && *c.p >= '0' && *c.p <= '9') c.p++;
+            }
+            if (c.p < c.end && (*c.p == 'e' || *c.p == 'E')) {
+                c.p++;
+                if (c.p < c.end && (*c.p == '+' || *c.p == '-')) c.p++;
+                if (c.p >= c.end || *c.p < '0' || *c.p > '9') goto done;
+                while (c.p < c.end && *c.p >= '0' && *c.p <= '9') c.p++;
+            }
+            if (c.p - st >= (Py_ssize_t)sizeof num) goto done;
+            memcpy(num, st, c.p - st);
+            num[c.p - st] = 0;
+            /* glibc strtod rounds correctly, as orjson and json do */
+            *ts = strtod(num, NULL);
+            if (!(*ts >= 0.0 && *ts < 1e11)) goto done;
+        }
+        skip_ws(&c);
+        if (c.p < c.end && *c.p == ',') {
+            c.p++;
+            skip_ws(&c);
+            continue;
+        }
+        if (c.p < c.end && *c.p == '}') {
+            c.p++;
+            break;
+        }
+        goto done;
+    }
+    skip_ws(&c);
+    if (c.p != c.end || !text) goto done;
+    *content = PyDict_New();
+    if (!*content) goto fail;
+    /* client.gate's key order: text, label, id, tags */
+    if (PyDict_SetItemString(*content, "text", text) < 0 ||
+        (label && PyDict_SetItemString(*content, "label", label) < 0) ||
+        (id && PyDict_SetItemString(*content, "id", id) < 0) ||
+        (tags && PyDict_SetItemString(*content, "tags", tags) < 0)) {
+        Py_CLEAR(*content);
+        goto fail;
+    }
+    ok = 1;
+done:
+    Py_XDECREF(text);
+    Py_XDECREF(label);
+    Py_XDECREF(id);
+    Py_XDECREF(tags);
+    return ok;
+fail:
+    ok = -1;
+    goto done;
+}
+
+static PyObject *py_simple_records(PyObject *Py_UNUSED(mod), PyObject *args) {
+    PyObject *raws;
+    Py_ssize_t max_raw, max_text, max_tags, max_field;
+    if (!PyArg_ParseTuple(args, "Onnnn", &raws, &max_raw, &max_text, &max_tags, &max_field))
+        return NULL;
+    PyObject *seq = PySequence_Fast(raws, "simple_records() takes a list");
+    if (!seq) return NULL;
+    Py_ssize_t n = PySequence_Fast_GET_SIZE(seq);
+    Py_ssize_t cap = max_text > max_field ? max_text : max_field;
+    char *buf = PyMem_Malloc(cap + 1);
+    PyObject *out = PyList_New(n);
+    if (!buf || !out) goto fail;
+    for (Py_ssize_t j = 0; j < n; j++) {
+        PyObject *raw = PySequence_Fast_GET_ITEM(seq, j), *item = Py_None, *content = NULL;
+        double ts;
+        int got = 0;
+        if (PyBytes_CheckExact(raw) && PyBytes_GET_SIZE(raw) <= max_raw) {
+            got = simple_record((const unsigned char *)PyBytes_AS_STRING(raw),
+                                PyBytes_GET_SIZE(raw), max_text, max_tags, max_field, buf,
+                                &content, &ts);
+            if (got < 0) goto fail;
+        }
+        if (got) {
+            item = Py_BuildValue("(Nd)", content, ts);
+            if (!item) goto fail;
+        } else {
+            Py_INCREF(Py_None);
+        }
+        PyList_SET_ITEM(out, j, item);
+    }
+    PyMem_Free(buf);
+    Py_DECREF(seq);
+    return out;
+fail:
+    if (!buf) PyErr_NoMemory();
+    PyMem_Free(buf);
+    Py_DECREF(seq);
+    Py_XDECREF(out);
+    return NULL;
+}
+
 static PyMethodDef module_methods[] = {
+    {"simple_records", py_simple_records, METH_VARARGS,
+     "simple_records(raws, max_raw_bytes, max_text_bytes, max_tags, max_field_chars)"
+     " -> [(content, ts) | None]: the gate's fast path."},
     {"token_hashes", py_token_hashes, METH_O,
      "token_hashes(items) -> (flat uint64 hashes, uint64 row offsets)."},
     {"rows_to_bytes", py_rows_to_bytes, METH_VARARGS,

@@ -1,6 +1,14 @@
 # Type stub of the C extension client/_native.c.
 from collections.abc import Sequence
 
+def simple_records(
+    raws: Sequence[object],
+    max_raw_bytes: int,
+    max_text_bytes: int,
+    max_tags: int,
+    max_field_chars: int,
+    /,
+) -> list[tuple[dict[str, object], float] | None]: ...
 def token_hash(data: bytes, /) -> int: ...
 def token_hashes(items: Sequence[str | Sequence[str]], /) -> tuple[bytes, bytes]: ...
 def rows_to_bytes(rows: Sequence[Sequence[int]], width: int, /) -> bytes: ...
