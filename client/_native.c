@@ -738,7 +738,222 @@ fail:
     return NULL;
 }
 
+/* ---- keyed hashes: HMAC-SHA256 truncated to 16 bytes, as client.store.keyed_hash -- */
+
+static const uint32_t K256[64] = {
+    0x428a2f98, 0x71374491, 0xb5c0fbcf, 0xe9b5dba5, 0x3956c25b, 0x59f111f1, 0x923f82a4,
+    0xab1c5ed5, 0xd807aa98, 0x12835b01, 0x243185be, 0x550c7dc3, 0x72be5d74, 0x80deb1fe,
+    0x9bdc06a7, 0xc19bf174, 0xe49b69c1, 0xefbe4786, 0x0fc19dc6, 0x240ca1cc, 0x2de92c6f,
+    0x4a7484aa, 0x5cb0a9dc, 0x76f988da, 0x983e5152, 0xa831c66d, 0xb00327c8, 0xbf597fc7,
+    0xc6e00bf3, 0xd5a79147, 0x06ca6351, 0x14292967, 0x27b70a85, 0x2e1b2138, 0x4d2c6dfc,
+    0x53380d13, 0x650a7354, 0x766a0abb, 0x81c2c92e, 0x92722c85, 0xa2bfe8a1, 0xa81a664b,
+    0xc24b8b70, 0xc76c51a3, 0xd192e819, 0xd6990624, 0xf40e3585, 0x106aa070, 0x19a4c116,
+    0x1e376c08, 0x2748774c, 0x34b0bcb5, 0x391c0cb3, 0x4ed8aa4a, 0x5b9cca4f, 0x682e6ff3,
+    0x748f82ee, 0x78a5636f, 0x84c87814, 0x8cc70208, 0x90befffa, 0xa4506ceb, 0xbef9a3f7,
+    0xc67178f2};
+
+static inline uint32_t ror32(uint32_t x, int r) { return (x >> r) | (x << (32 - r)); }
+
+static void sha256_block(uint32_t st[8], const unsigned char *blk) {
+    uint32_t w[64];
+    for (int i = 0; i < 16; i++)
+        w[i] = (uint32_t)blk[4 * i] << 24 | (uint32_t)blk[4 * i + 1] << 16 |
+               (uint32_t)blk[4 * i + 2] << 8 | blk[4 * i + 3];
+    for (int i = 16; i < 64; i++) {
+        uint32_t s0 = ror32(w[i - 15], 7) ^ ror32(w[i - 15], 18) ^ (w[i - 15] >> 3);
+        uint32_t s1 = ror32(w[i - 2], 17) ^ ror32(w[i - 2], 19) ^ (w[i - 2] >> 10);
+        w[i] = w[i - 16] + s0 + w[i - 7] + s1;
+    }
+    uint32_t a = st[0], b = st[1], c = st[2], d = st[3], e = st[4], f = st[5], g = st[6],
+             h = st[7];
+    for (int i = 0; i < 64; i++) {
+        uint32_t t1 = h + (ror32(e, 6) ^ ror32(e, 11) ^ ror32(e, 25)) + ((e & f) ^ (~e & g)) +
+                      K256[i] + w[i];
+        uint32_t t2 = (ror32(a, 2) ^ ror32(a, 13) ^ ror32(a, 22)) + ((a & b) ^ (a & c) ^ (b & c));
+        h = g;
+        g = f;
+        f = e;
+        e = d + t1;
+        d = c;
+        c = b;
+        b = a;
+        a = t1 + t2;
+    }
+    st[0] += a;
+    st[1] += b;
+    st[2] += c;
+    st[3] += d;
+    st[4] += e;
+    st[5] += f;
+    st[6] += g;
+    st[7] += h;
+}
+
+#if defined(__x86_64__)
+#include <cpuid.h>
+#include <immintrin.h>
+
+/* The same block function with the CPU's SHA extensions: the message schedule stays
+ * scalar, the rounds run two at a time in sha256rnds2 on (ABEF, CDGH). */
+__attribute__((target("sha,sse4.1"))) static void sha256_block_ni(uint32_t st[8],
+                                                                  const unsigned char *blk) {
+    uint32_t w[64];
+    for (int i = 0; i < 16; i++)
+        w[i] = (uint32_t)blk[4 * i] << 24 | (uint32_t)blk[4 * i + 1] << 16 |
+               (uint32_t)blk[4 * i + 2] << 8 | blk[4 * i + 3];
+    for (int i = 16; i < 64; i++) {
+        uint32_t s0 = ror32(w[i - 15], 7) ^ ror32(w[i - 15], 18) ^ (w[i - 15] >> 3);
+        uint32_t s1 = ror32(w[i - 2], 17) ^ ror32(w[i - 2], 19) ^ (w[i - 2] >> 10);
+        w[i] = w[i - 16] + s0 + w[i - 7] + s1;
+    }
+    __m128i tmp = _mm_loadu_si128((const __m128i *)&st[0]);
+    __m128i s1 = _mm_loadu_si128((const __m128i *)&st[4]);
+    tmp = _mm_shuffle_epi32(tmp, 0xB1);      /* CDAB */
+    s1 = _mm_shuffle_epi32(s1, 0x1B);        /* EFGH */
+    __m128i s0 = _mm_alignr_epi8(tmp, s1, 8); /* ABEF */
+    s1 = _mm_blend_epi16(s1, tmp, 0xF0);     /* CDGH */
+    __m128i abef = s0, cdgh = s1;
+    for (int i = 0; i < 64; i += 4) {
+        __m128i msg = _mm_add_epi32(_mm_loadu_si128((const __m128i *)&w[i]),
+                                    _mm_loadu_si128((const __m128i *)&K256[i]));
+        s1 = _mm_sha256rnds2_epu32(s1, s0, msg);
+        msg = _mm_shuffle_epi32(msg, 0x0E);
+        s0 = _mm_sha256rnds2_epu32(s0, s1, msg);
+    }
+    s0 = _mm_add_epi32(s0, abef);
+    s1 = _mm_add_epi32(s1, cdgh);
+    tmp = _mm_shuffle_epi32(s0, 0x1B);      /* FEBA */
+    s1 = _mm_shuffle_epi32(s1, 0xB1);       /* DCHG */
+    s0 = _mm_blend_epi16(tmp, s1, 0xF0);    /* DCBA */
+    s1 = _mm_alignr_epi8(s1, tmp, 8);       /* ABEF */
+    _mm_storeu_si128((__m128i *)&st[0], s0);
+    _mm_storeu_si128((__m128i *)&st[4], s1);
+}
+
+static int cpu_has_sha(void) {
+    unsigned int a, b, c, d;
+    if (!__get_cpuid_count(7, 0, &a, &b, &c, &d)) return 0;
+    return (b >> 29) & 1;
+}
+#endif
+
+static void (*sha_block)(uint32_t st[8], const unsigned char *blk) = sha256_block;
+
+typedef struct {
+    uint32_t st[8];
+    unsigned char blk[64];
+    size_t fill;
+    uint64_t total;
+} Sha256;
+
+static void sha_update(Sha256 *s, const unsigned char *p, size_t n) {
+    s->total += n;
+    while (n) {
+        size_t take = 64 - s->fill < n ? 64 - s->fill : n;
+        memcpy(s->blk + s->fill, p, take);
+        s->fill += take;
+        p += take;
+        n -= take;
+        if (s->fill == 64) {
+            sha_block(s->st, s->blk);
+            s->fill = 0;
+        }
+    }
+}
+
+static void sha_final(Sha256 *s, unsigned char out[32]) {
+    uint64_t bits = s->total * 8;
+    unsigned char pad = 0x80, zero = 0, len[8];
+    sha_update(s, &pad, 1);
+    while (s->fill != 56) sha_update(s, &zero, 1);
+    for (int i = 0; i < 8; i++) len[i] = (unsigned char)(bits >> (56 - 8 * i));
+    sha_update(s, len, 8);
+    for (int i = 0; i < 8; i++) {
+        out[4 * i] = (unsigned char)(s->st[i] >> 24);
+        out[4 * i + 1] = (unsigned char)(s->st[i] >> 16);
+        out[4 * i + 2] = (unsigned char)(s->st[i] >> 8);
+        out[4 * i + 3] = (unsigned char)s->st[i];
+    }
+}
+
+static const uint32_t SHA_IV[8] = {0x6a09e667, 0xbb67ae85, 0x3c6ef372, 0xa54ff53a,
+                                   0x510e527f, 0x9b05688c, 0x1f83d9ab, 0x5be0cd19};
+
+/* keyed_hashes(key, prefix, items) -> [HMAC-SHA256(key, prefix + item.encode())[:16]]:
+ * client.store.keyed_hash of each item, the key's pads hashed once for the batch. */
+static PyObject *py_keyed_hashes(PyObject *Py_UNUSED(mod), PyObject *args) {
+    Py_buffer key, prefix;
+    PyObject *items;
+    if (!PyArg_ParseTuple(args, "y*y*O", &key, &prefix, &items)) return NULL;
+    PyObject *seq = NULL, *out = NULL;
+    Sha256 inner0 = {{0}, {0}, 0, 0}, outer0 = {{0}, {0}, 0, 0};
+    unsigned char k[64] = {0}, pad[64];
+    if (key.len > 64) {
+        PyErr_SetString(PyExc_ValueError, "keyed_hashes(): keys longer than 64 bytes");
+        goto done;
+    }
+    memcpy(k, key.buf, key.len);
+    memcpy(inner0.st, SHA_IV, sizeof SHA_IV);
+    memcpy(outer0.st, SHA_IV, sizeof SHA_IV);
+    for (int i = 0; i < 64; i++) pad[i] = k[i] ^ 0x36;
+    sha_update(&inner0, pad, 64);
+    for (int i = 0; i < 64; i++) pad[i] = k[i] ^ 0x5c;
+    sha_update(&outer0, pad, 64);
+    seq = PySequence_Fast(items, "keyed_hashes() takes a list");
+    if (!seq) goto done;
+    Py_ssize_t n = PySequence_Fast_GET_SIZE(seq);
+    out = PyList_New(n);
+    if (!out) goto done;
+    for (Py_ssize_t j = 0; j < n; j++) {
+        Py_ssize_t len;
+        const char *data = PyUnicode_AsUTF8AndSize(PySequence_Fast_GET_ITEM(seq, j), &len);
+        if (!data) {
+            Py_CLEAR(out);
+            goto done;
+        }
+        Sha256 s = inner0;
+        unsigned char digest[32];
+        sha_update(&s, prefix.buf, prefix.len);
+        sha_update(&s, (const unsigned char *)data, len);
+        sha_final(&s, digest);
+        s = outer0;
+        sha_update(&s, digest, 32);
+        sha_final(&s, digest);
+        PyObject *b = PyBytes_FromStringAndSize((const char *)digest, 16);
+        if (!b) {
+            Py_CLEAR(out);
+            goto done;
+        }
+        PyList_SET_ITEM(out, j, b);
+    }
+done:
+    Py_XDECREF(seq);
+    PyBuffer_Release(&key);
+    PyBuffer_Release(&prefix);
+    return out;
+}
+
+static PyObject *py_sha_extensions(PyObject *Py_UNUSED(mod), PyObject *Py_UNUSED(arg)) {
+    return PyBool_FromLong(sha_block != sha256_block);
+}
+
+static PyObject *py_use_sha_extensions(PyObject *Py_UNUSED(mod), PyObject *arg) {
+    int on = PyObject_IsTrue(arg);
+    if (on < 0) return NULL;
+    sha_block = sha256_block;
+#if defined(__x86_64__)
+    if (on && cpu_has_sha()) sha_block = sha256_block_ni;
+#endif
+    return PyBool_FromLong(sha_block != sha256_block);
+}
+
 static PyMethodDef module_methods[] = {
+    {"sha_extensions", py_sha_extensions, METH_NOARGS,
+     "sha_extensions() -> bool: are keyed hashes computed with the CPU's SHA extensions?"},
+    {"use_sha_extensions", py_use_sha_extensions, METH_O,
+     "use_sha_extensions(on) -> bool: switch them (tests check both paths)."},
+    {"keyed_hashes", py_keyed_hashes, METH_VARARGS,
+     "keyed_hashes(key, prefix, items) -> [HMAC-SHA256(key, prefix + item)[:16]]."},
     {"simple_records", py_simple_records, METH_VARARGS,
      "simple_records(raws, max_raw_bytes, max_text_bytes, max_tags, max_field_chars)"
      " -> [(content, ts) | None]: the gate's fast path."},
@@ -754,6 +969,9 @@ static struct PyModuleDef native_module = {PyModuleDef_HEAD_INIT, "client._nativ
                                            module_methods, NULL, NULL, NULL, NULL};
 
 PyMODINIT_FUNC PyInit__native(void) {
+#if defined(__x86_64__)
+    if (cpu_has_sha()) sha_block = sha256_block_ni;
+#endif
     if (PyType_Ready(&NearIndexType) < 0) return NULL;
     PyObject *m = PyModule_Create(&native_module);
     if (!m) return NULL;

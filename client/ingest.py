@@ -187,9 +187,7 @@ class Ingestor:
         if items:
             batch.count("received", len(items))
         acks: list[Ack | None] = [None] * len(items)
-        cleans: list[tuple[int, Clean, bytes, bytes, str, bytes]] = []
-        h = self.store.keyed_hash
-        groups: dict[str, bytes] = {}
+        passed: list[tuple[int, Clean, str]] = []
         verdicts = self.gate.inspect_many([raw for raw, _ in items])
         for pos, ((raw, source), verdict) in enumerate(
             zip(items, verdicts, strict=True)
@@ -198,14 +196,26 @@ class Ingestor:
                 self._quarantine(batch, verdict.reason, source, _raw_bytes(raw))
                 acks[pos] = Ack(QUARANTINED, verdict.reason)
                 continue
-            content = verdict.content
-            chash = h(b"c:" + verdict.key_text.encode())
-            rid = h(b"i:" + content["id"].encode()) if "id" in content else chash
-            group = content.get("label") or next(iter(content.get("tags", [])), "")
-            grp = groups.get(group)
-            if grp is None:
-                grp = groups[group] = h(b"g:" + group.encode())
-            cleans.append((pos, verdict, rid, chash, source, grp))
+            passed.append((pos, verdict, source))
+        # Keyed hashes a batch at a time: content, producer id (else the content's),
+        # balancing group (label, else first tag).
+        hashes = self.store.keyed_hashes
+        chashes = hashes(b"c:", [c.key_text for _, c, _ in passed])
+        rids = list(chashes)
+        with_id = [j for j, (_, c, _) in enumerate(passed) if "id" in c.content]
+        ids = [passed[j][1].content["id"] for j in with_id]
+        for j, rid in zip(with_id, hashes(b"i:", ids), strict=True):
+            rids[j] = rid
+        names = [
+            c.content.get("label") or next(iter(c.content.get("tags", [])), "")
+            for _, c, _ in passed
+        ]
+        distinct = list(dict.fromkeys(names))
+        groups = dict(zip(distinct, hashes(b"g:", distinct), strict=True))
+        cleans = [
+            (pos, clean, rids[j], chashes[j], source, groups[names[j]])
+            for j, (pos, clean, source) in enumerate(passed)
+        ]
 
         known_rids = self.store.known(c[2] for c in cleans)
         known_content = self.store.content_known(c[3] for c in cleans)

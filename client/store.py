@@ -33,6 +33,11 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from common.errors import FedstreamError
 
+try:
+    from client._native import keyed_hashes
+except ImportError:  # not built (a Flower App bundle ships sources): hmac per item
+    keyed_hashes = None  # type: ignore[assignment]
+
 __all__ = [
     "KeyError_",
     "QuotaExceeded",
@@ -258,6 +263,12 @@ class Store:
 
     def keyed_hash(self, data: bytes) -> bytes:
         return hmac.digest(self._mac, data, "sha256")[:16]
+
+    def keyed_hashes(self, prefix: bytes, items: list[str]) -> list[bytes]:
+        """``keyed_hash(prefix + item.encode())`` of each item."""
+        if keyed_hashes is not None:
+            return keyed_hashes(self._mac, prefix, items)
+        return [self.keyed_hash(prefix + item.encode()) for item in items]
 
     def _seal(
         self, obj: dict[str, Any], aad: bytes, nonce: bytes | None = None

@@ -380,3 +380,29 @@ def test_native_and_python_near_duplicates_decide_alike(tmp_path, monkeypatch):
         store.close()
     assert acks[0] == acks[1]
     assert sum(a == ("QUARANTINED", "near_duplicate") for a in acks[0]) > 50
+
+
+@pytest.mark.parametrize("sha_extensions", [True, False])
+def test_batched_keyed_hashes_are_the_stores_keyed_hash(tmp_path, sha_extensions):
+    """The native HMAC-SHA256 (with and without the CPU's SHA extensions) gives the
+    store's keyed hashes byte for byte, so existing stores still deduplicate."""
+    import random
+
+    from client import _native
+
+    rng = random.Random(0)
+    items = ["", "a", "x" * 55, "y" * 56, "z" * 64, "é" * 40, "ü" * 300]
+    items += [
+        "".join(rng.choice("ab ç\n") for _ in range(rng.randrange(400)))
+        for _ in range(300)
+    ]
+    store = _open(tmp_path)
+    before = _native.sha_extensions()
+    try:
+        _native.use_sha_extensions(sha_extensions)
+        for prefix in (b"c:", b"i:", b"g:", b""):
+            want = [store.keyed_hash(prefix + t.encode()) for t in items]
+            assert store.keyed_hashes(prefix, items) == want
+    finally:
+        _native.use_sha_extensions(before)
+    store.close()
