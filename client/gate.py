@@ -15,7 +15,7 @@ import unicodedata
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import orjson
 
@@ -45,8 +45,7 @@ class GateSettings:
     pii_extra: dict[str, str] = field(default_factory=dict)
 
 
-@dataclass(frozen=True)
-class Clean:
+class Clean(NamedTuple):  # a tuple: built once per record, cheaper than a dataclass
     content: dict[str, Any]  # text | prompt+response, tags, label, id (scrubbed)
     ts: float  # 0 = time of arrival
     key_text: str  # normalised text used for dedup hashes and shingles
@@ -71,6 +70,10 @@ class _Checked:
         return [self.content[k] for k in self.parts]
 
     def finish(self, scrubbed: Iterator[Scrubbed]) -> Clean:
+        if len(self.parts) == 1:  # "text": the usual case, without the loop
+            done = next(scrubbed)
+            self.content["text"] = done.text
+            return Clean(self.content, self.ts, normalise(done.text), done.counts)
         pii: Counter[str] = Counter()
         for name in self.parts:
             done = next(scrubbed)
