@@ -947,7 +947,149 @@ static PyObject *py_use_sha_extensions(PyObject *Py_UNUSED(mod), PyObject *arg) 
     return PyBool_FromLong(sha_block != sha256_block);
 }
 
+/* ---- the PII screen: which texts may hold a replacement (client.pii._SCREEN) ---
+ *
+ * pii_screen(texts) -> list of the indices of the texts that need client.pii's exact
+ * path: non-ASCII texts, texts holding NUL, and texts where any screen pattern of
+ * client.pii occurs (the same patterns, matched here by hand; each is a plain
+ * sequence of character classes, so "occurs anywhere" needs no backtracking).
+ */
+
+static inline int is_digit(unsigned char c) { return c >= '0' && c <= '9'; }
+static inline int is_upper(unsigned char c) { return c >= 'A' && c <= 'Z'; }
+static inline int is_hex(unsigned char c) {
+    return is_digit(c) || (c >= 'a' && c <= 'f') || (c >= 'A' && c <= 'F');
+}
+static inline int is_sep(unsigned char c) {
+    return c == ' ' || c == '.' || c == '(' || c == ')' || c == '-';
+}
+static inline unsigned char lower(unsigned char c) { return is_upper(c) ? c + 32 : c; }
+
+static int starts_with(const unsigned char *s, Py_ssize_t n, Py_ssize_t i, const char *lit) {
+    Py_ssize_t k = (Py_ssize_t)strlen(lit);
+    return i + k <= n && memcmp(s + i, lit, k) == 0;
+}
+
+static int starts_with_caseless(const unsigned char *s, Py_ssize_t n, Py_ssize_t i,
+                                const char *lit) {
+    Py_ssize_t k = (Py_ssize_t)strlen(lit);
+    if (i + k > n) return 0;
+    for (Py_ssize_t j = 0; j < k; j++)
+        if (lower(s[i + j]) != (unsigned char)lit[j]) return 0;
+    return 1;
+}
+
+/* [0-9](?:\.[0-9]{1,3}\.[0-9]{1,3}\.[0-9]|(?:[ .()\-]{0,3}[0-9]){8}) at i */
+static int digits_at(const unsigned char *s, Py_ssize_t n, Py_ssize_t i) {
+    if (!is_digit(s[i])) return 0;
+    Py_ssize_t j = i + 1;
+    int ok = 1;
+    for (int g = 0; g < 2 && ok; g++) { /* \.[0-9]{1,3} twice, then \.[0-9] */
+        if (j >= n || s[j] != '.') {
+            ok = 0;
+            break;
+        }
+        j++;
+        Py_ssize_t d = 0;
+        while (j < n && is_digit(s[j])) j++, d++;
+        if (d < 1 || d > 3) ok = 0;
+    }
+    if (ok && j + 1 < n && s[j] == '.' && is_digit(s[j + 1])) return 1;
+    j = i + 1;
+    for (int k = 0; k < 8; k++) {
+        int seps = 0;
+        while (j < n && is_sep(s[j]) && seps < 4) j++, seps++;
+        if (seps > 3 || j >= n || !is_digit(s[j])) return 0;
+        j++;
+    }
+    return 1;
+}
+
+/* (?:[0-9A-Fa-f]{1,4}:){7}[0-9A-Fa-f] at i */
+static int ipv6_at(const unsigned char *s, Py_ssize_t n, Py_ssize_t i) {
+    Py_ssize_t j = i;
+    for (int g = 0; g < 7; g++) {
+        Py_ssize_t h = 0;
+        while (j < n && is_hex(s[j]) && h < 5) j++, h++;
+        if (h < 1 || h > 4 || j >= n || s[j] != ':') return 0;
+        j++;
+    }
+    return j < n && is_hex(s[j]);
+}
+
+static int screen_text(const unsigned char *s, Py_ssize_t n) {
+    Py_ssize_t colons = 0;
+    for (Py_ssize_t i = 0; i < n; i++) colons += s[i] == ':';
+    for (Py_ssize_t i = 0; i < n; i++) {
+        unsigned char c = s[i];
+        if (c == 0 || c == '@') return 1;
+        if (is_digit(c) && digits_at(s, n, i)) return 1;
+        if (colons >= 7 && is_hex(c) && ipv6_at(s, n, i)) return 1;
+        if (is_upper(c) && i + 3 < n && is_upper(s[i + 1]) && is_digit(s[i + 2]) &&
+            is_digit(s[i + 3]))
+            return 1;
+        switch (lower(c)) {
+        case '-':
+            if (starts_with(s, n, i, "-----BEGIN ")) return 1;
+            break;
+        case 'a':
+            if (starts_with(s, n, i, "AKIA") || starts_with_caseless(s, n, i, "api"))
+                return 1;
+            break;
+        case 'g':
+            if (starts_with(s, n, i, "gh") && i + 3 < n && strchr("pousr", s[i + 2]) &&
+                s[i + 2] && s[i + 3] == '_')
+                return 1;
+            break;
+        case 'x':
+            if (starts_with(s, n, i, "xox") && i + 4 < n && strchr("abprs", s[i + 3]) &&
+                s[i + 3] && s[i + 4] == '-')
+                return 1;
+            break;
+        case 's':
+            if (starts_with(s, n, i, "sk-") || starts_with_caseless(s, n, i, "secret"))
+                return 1;
+            break;
+        case 'e':
+            if (starts_with(s, n, i, "eyJ")) return 1;
+            break;
+        case 'p':
+            if (starts_with_caseless(s, n, i, "pass") || starts_with_caseless(s, n, i, "pwd"))
+                return 1;
+            break;
+        case 't':
+            if (starts_with_caseless(s, n, i, "token")) return 1;
+            break;
+        }
+    }
+    return 0;
+}
+
+static PyObject *py_pii_screen(PyObject *Py_UNUSED(mod), PyObject *texts) {
+    PyObject *seq = PySequence_Fast(texts, "pii_screen() takes a list of str");
+    if (!seq) return NULL;
+    PyObject *out = PyList_New(0);
+    for (Py_ssize_t j = 0; out && j < PySequence_Fast_GET_SIZE(seq); j++) {
+        PyObject *t = PySequence_Fast_GET_ITEM(seq, j);
+        if (!PyUnicode_Check(t)) {
+            PyErr_SetString(PyExc_TypeError, "pii_screen() takes a list of str");
+            Py_CLEAR(out);
+            break;
+        }
+        if (PyUnicode_IS_ASCII(t) &&
+            !screen_text(PyUnicode_1BYTE_DATA(t), PyUnicode_GET_LENGTH(t)))
+            continue;
+        PyObject *i = PyLong_FromSsize_t(j);
+        if (!i || PyList_Append(out, i) < 0) Py_CLEAR(out);
+        Py_XDECREF(i);
+    }
+    Py_DECREF(seq);
+    return out;
+}
+
 static PyMethodDef module_methods[] = {
+    {"pii_screen", py_pii_screen, METH_O,
+     "pii_screen(texts) -> [index]: the texts that need client.pii's exact path."},
     {"sha_extensions", py_sha_extensions, METH_NOARGS,
      "sha_extensions() -> bool: are keyed hashes computed with the CPU's SHA extensions?"},
     {"use_sha_extensions", py_use_sha_extensions, METH_O,
