@@ -135,9 +135,12 @@ class Gate:
         s = self.settings
         # The usual record shape is parsed and checked natively; whatever it
         # declines (None) takes _checked, which is exact for every input.
-        fast = simple_records(
-            raws, s.max_raw_bytes, s.max_text_bytes, s.max_tags, s.max_field_chars
-        )
+        try:
+            fast = simple_records(
+                raws, s.max_raw_bytes, s.max_text_bytes, s.max_tags, s.max_field_chars
+            )
+        except Exception:  # e.g. MemoryError: the gate itself never raises
+            return [self._checked(raw) for raw in raws]
         return [
             self._checked(raw) if f is None else _Checked(f[0], _TEXT, f[1])
             for raw, f in zip(raws, fast, strict=True)
