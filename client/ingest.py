@@ -10,7 +10,8 @@ them (``received == stored + duplicates + quarantined``):
   (``duplicate``), or a near-duplicate of a recent record (``near_duplicate``); the raw
   input is kept (encrypted) in quarantine with its reason.
 
-Near-duplicates are found with MinHash (``rensa``, Rust) over word 3-grams, banded LSH,
+Near-duplicates are found with MinHash over word 3-grams (tokens hashed natively,
+digests by ``rensa``, Rust) and a native banded LSH index,
 within a horizon of the most recent records held in memory (bounded by
 ``horizon``; rebuilt from the store after a restart).
 """
@@ -20,11 +21,15 @@ from __future__ import annotations
 import json
 import re
 import threading
-from collections import OrderedDict
 from typing import Any, NamedTuple
 
-from rensa import RMinHash, RMinHashLSH
+import numpy as np
+from rensa import RMinHash
 
+try:
+    from client._native import NearIndex, rows_to_bytes, token_hashes
+except ImportError:  # not built (a Flower App bundle ships sources): same, slower
+    from client.near_py import NearIndex, rows_to_bytes, token_hashes  # type: ignore[assignment]
 from client.gate import Clean, Gate, Rejected, normalise
 from client.store import Batch, Store
 
@@ -52,11 +57,13 @@ def shingles(key_text: str) -> list[str]:
 
 
 class NearDuplicates:
-    """Banded MinHash LSH over the last ``horizon`` records (rensa, Rust).
+    """Banded MinHash LSH over the last ``horizon`` records.
 
-    Sketches are computed a batch at a time and stay native objects; a record is a
-    near-duplicate when it shares a band with a kept record whose sketch agrees with
-    its own in at least ``threshold`` of the permutations.
+    Sketches of a batch are one ``(n, num_perm)`` uint32 matrix (bytes): tokens cut
+    and hashed natively, digests by rensa (Rust). The band index is native too
+    (``client._native.NearIndex``). A record is a near-duplicate when it shares a
+    whole band with a kept record whose sketch agrees with its own in at least
+    ``threshold`` of the permutations.
     """
 
     def __init__(
@@ -74,37 +81,41 @@ class NearDuplicates:
         self.threshold = threshold
         self.num_perm = num_perm
         self.seed = seed
-        self.lsh = RMinHashLSH(threshold, num_perm, bands)
-        self.sketches: OrderedDict[int, RMinHash] = OrderedDict()
-        self._next = 0  # index keys: insertion order, never reused
-
-    def sketch_many(self, key_texts: list[str]) -> list[RMinHash]:
-        return RMinHash.from_token_sets(  # type: ignore[no-any-return]
-            [shingles(t) for t in key_texts], self.num_perm, self.seed
+        self.index = NearIndex(
+            num_perm=num_perm, bands=bands, horizon=horizon, threshold=threshold
         )
 
-    def sketch(self, key_text: str) -> RMinHash:
-        return self.sketch_many([key_text])[0]
-
-    def query(self, sketch: RMinHash) -> bool:
-        sketches, threshold = self.sketches, self.threshold
-        return any(
-            sketch.jaccard(sketches[c]) >= threshold for c in self.lsh.query(sketch)
+    def sketch_many(self, key_texts: list[str]) -> bytes:
+        """``(len(key_texts), num_perm)`` uint32 digests, row-major."""
+        # ASCII texts are cut into shingles natively (words are the [A-Za-z0-9_]
+        # runs there); others need Unicode word characters, so Python cuts them.
+        hashes, offsets = token_hashes(
+            [t if t.isascii() else shingles(t) for t in key_texts]
         )
+        matrix = RMinHash.digest_matrix_from_flat_token_hashes(
+            np.frombuffer(hashes, dtype=np.uint64),
+            np.frombuffer(offsets, dtype=np.uint64),
+            self.num_perm,
+            self.seed,
+        )
+        return rows_to_bytes(matrix.to_rows(), self.num_perm)
 
-    def add(self, sketch: RMinHash) -> int:
+    def query(self, sketches: bytes, row: int = 0) -> bool:
+        return self.index.query(sketches, row)
+
+    def add(self, sketches: bytes, row: int = 0) -> int:
         """Index a sketch; returns its key (for ``remove``)."""
-        key = self._next
-        self._next += 1
-        self.sketches[key] = sketch
-        self.lsh.insert(key, sketch)
-        while len(self.sketches) > self.horizon:
-            self.remove(next(iter(self.sketches)))
-        return key
+        return self.index.add(sketches, row)
+
+    def offer(self, sketches: bytes, row: int) -> int:
+        """``add`` unless it is a near-duplicate (then -1, nothing added)."""
+        return self.index.offer(sketches, row)
 
     def remove(self, key: int) -> None:
-        if self.sketches.pop(key, None) is not None:
-            self.lsh.remove(key)
+        self.index.remove(key)
+
+    def __len__(self) -> int:
+        return len(self.index)
 
 
 def _raw_bytes(raw: bytes | dict[str, Any]) -> bytes:
@@ -151,8 +162,9 @@ class Ingestor:
             for rec in self.store.iter_records(sorted(r[0] for r in rows))
         ]
         for i in range(0, len(texts), 1024):
-            for sketch in self.near.sketch_many(texts[i : i + 1024]):
-                self.near.add(sketch)
+            sketches = self.near.sketch_many(texts[i : i + 1024])
+            for row in range(len(texts[i : i + 1024])):
+                self.near.add(sketches, row)
 
     def submit(
         self,
@@ -175,9 +187,7 @@ class Ingestor:
         if items:
             batch.count("received", len(items))
         acks: list[Ack | None] = [None] * len(items)
-        cleans: list[tuple[int, Clean, bytes, bytes, str, bytes]] = []
-        h = self.store.keyed_hash
-        groups: dict[str, bytes] = {}
+        passed: list[tuple[int, Clean, str]] = []
         verdicts = self.gate.inspect_many([raw for raw, _ in items])
         for pos, ((raw, source), verdict) in enumerate(
             zip(items, verdicts, strict=True)
@@ -186,14 +196,26 @@ class Ingestor:
                 self._quarantine(batch, verdict.reason, source, _raw_bytes(raw))
                 acks[pos] = Ack(QUARANTINED, verdict.reason)
                 continue
-            content = verdict.content
-            chash = h(b"c:" + verdict.key_text.encode())
-            rid = h(b"i:" + content["id"].encode()) if "id" in content else chash
-            group = content.get("label") or next(iter(content.get("tags", [])), "")
-            grp = groups.get(group)
-            if grp is None:
-                grp = groups[group] = h(b"g:" + group.encode())
-            cleans.append((pos, verdict, rid, chash, source, grp))
+            passed.append((pos, verdict, source))
+        # Keyed hashes a batch at a time: content, producer id (else the content's),
+        # balancing group (label, else first tag).
+        hashes = self.store.keyed_hashes
+        chashes = hashes(b"c:", [c.key_text for _, c, _ in passed])
+        rids = list(chashes)
+        with_id = [j for j, (_, c, _) in enumerate(passed) if "id" in c.content]
+        ids = [passed[j][1].content["id"] for j in with_id]
+        for j, rid in zip(with_id, hashes(b"i:", ids), strict=True):
+            rids[j] = rid
+        names = [
+            c.content.get("label") or next(iter(c.content.get("tags", [])), "")
+            for _, c, _ in passed
+        ]
+        distinct = list(dict.fromkeys(names))
+        groups = dict(zip(distinct, hashes(b"g:", distinct), strict=True))
+        cleans = [
+            (pos, clean, rids[j], chashes[j], source, groups[names[j]])
+            for j, (pos, clean, source) in enumerate(passed)
+        ]
 
         known_rids = self.store.known(c[2] for c in cleans)
         known_content = self.store.content_known(c[3] for c in cleans)
@@ -213,15 +235,16 @@ class Ingestor:
                 self._quarantine(batch, "duplicate", source, _content_bytes(clean))
                 acks[pos] = Ack(QUARANTINED, "duplicate")
                 continue
-            if near.query(sketches[j]):
+            # Indexed now so later records of this batch see it; removed again if
+            # the commit fails.
+            key = near.offer(sketches, j)
+            if key < 0:
                 self._quarantine(batch, "near_duplicate", source, _content_bytes(clean))
                 acks[pos] = Ack(QUARANTINED, "near_duplicate")
                 continue
             seen_rids.add(rid)
             seen_content.add(chash)
-            # Indexed now so later records of this batch see it; removed again if
-            # the commit fails.
-            pending.append((pos, near.add(sketches[j])))
+            pending.append((pos, key))
             batch.records.append((rid, chash, grp, clean.ts, clean.content))
             for kind, n in clean.pii.items():
                 batch.count(f"pii:{kind}", n)
@@ -231,7 +254,7 @@ class Ingestor:
         try:
             seqs = self.store.commit(batch)
         except BaseException:
-            for _, key in pending:
+            for _, key in reversed(pending):
                 near.remove(key)
             raise
         for (pos, _), seq in zip(pending, seqs, strict=True):

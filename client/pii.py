@@ -25,6 +25,11 @@ from dataclasses import dataclass
 
 import hyperscan
 
+try:
+    from client._native import pii_screen
+except ImportError:  # not built (a Flower App bundle ships sources): Hyperscan
+    pii_screen = None  # type: ignore[assignment]
+
 __all__ = ["BUILTIN", "Scrubber", "iban_ok", "luhn_ok"]
 
 # Order matters where patterns overlap: secrets before generic numbers, cards and
@@ -105,8 +110,9 @@ def iban_ok(candidate: str) -> bool:
     return number % 97 == 1
 
 
-# The batch screen (Hyperscan, one native scan of a whole batch): a superset of the
-# facts above for ASCII text, where \\d is [0-9] and IGNORECASE is ASCII case.
+# The batch screen (one native pass over a whole batch: client._native, else
+# Hyperscan): a superset of the facts above for ASCII text, where \\d is [0-9] and
+# IGNORECASE is ASCII case.
 # A text it does not flag cannot get a replacement; non-ASCII text always goes to the
 # exact path.
 _SCREEN: list[tuple[bytes, int]] = [
@@ -213,6 +219,15 @@ class Scrubber:
 
     def _screen(self, texts: list[str]) -> set[int]:
         """Indices of the texts that need the exact path."""
+        if pii_screen is None:
+            flagged = self._screen_hyperscan(texts)
+        else:  # the same patterns, matched natively without encoding the texts
+            flagged = set(pii_screen(texts))
+        if self.extra_regex is not None:
+            flagged.update(i for i, t in enumerate(texts) if self.extra_regex.search(t))
+        return flagged
+
+    def _screen_hyperscan(self, texts: list[str]) -> set[int]:
         encoded = [t.encode("utf-8", "surrogatepass") for t in texts]
         # \x00 separates texts (the gate strips it from them anyway); a non-ASCII
         # text needs Unicode \d and case folding: both go to the exact path.
@@ -228,8 +243,6 @@ class Scrubber:
             if self._database is None:
                 self._database = _screen_database()
             self._database.scan(b"\x00".join(encoded), match_event_handler=hit)
-        if self.extra_regex is not None:
-            flagged.update(i for i, t in enumerate(texts) if self.extra_regex.search(t))
         return flagged
 
     def scrub(self, text: str) -> Scrubbed:

@@ -33,6 +33,11 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from common.errors import FedstreamError
 
+try:
+    from client._native import keyed_hashes
+except ImportError:  # not built (a Flower App bundle ships sources): hmac per item
+    keyed_hashes = None  # type: ignore[assignment]
+
 __all__ = [
     "KeyError_",
     "QuotaExceeded",
@@ -45,41 +50,48 @@ __all__ = [
 KEY_ENV = "FEDSTREAM_STORE_KEY"
 _CHECK = b"fedstream store key check v1"
 
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS meta(key TEXT PRIMARY KEY, value BLOB NOT NULL);
-CREATE TABLE IF NOT EXISTS records(
+SCHEMA_VERSION = 2
+
+# Version 2: the 12-byte nonce leads the payload (no nonce or nbytes columns) and
+# records have no (retired, seq) index: every ledger query scans live records by seq
+# anyway, and each column and index costs every insert (bench/RESULTS.md).
+_TABLES = {
+    "meta": "meta(key TEXT PRIMARY KEY, value BLOB NOT NULL)",
+    "records": """records(
     seq INTEGER PRIMARY KEY AUTOINCREMENT,
     rid BLOB NOT NULL UNIQUE,          -- keyed hash of producer id, else of content
     chash BLOB NOT NULL,               -- keyed hash of normalised content
     grp BLOB NOT NULL,                 -- keyed hash of label/first tag (balancing)
     arrived REAL NOT NULL,
     ts REAL NOT NULL,
-    nbytes INTEGER NOT NULL,
-    nonce BLOB NOT NULL,
-    payload BLOB NOT NULL,
+    payload BLOB NOT NULL,             -- nonce (12 bytes) || AES-GCM ciphertext
     elig INTEGER NOT NULL DEFAULT 0,   -- rounds this record was eligible to train in
     queries INTEGER NOT NULL DEFAULT 0, -- rounds it was counted in (noisy counts)
     retired INTEGER NOT NULL DEFAULT 0
-);
-CREATE INDEX IF NOT EXISTS records_chash ON records(chash);
-CREATE INDEX IF NOT EXISTS records_live ON records(retired, seq);
-CREATE TABLE IF NOT EXISTS quarantine(
+)""",
+    "quarantine": """quarantine(
     seq INTEGER PRIMARY KEY AUTOINCREMENT,
     arrived REAL NOT NULL,
     reason TEXT NOT NULL,
     source TEXT NOT NULL,
-    nbytes INTEGER NOT NULL,
-    nonce BLOB NOT NULL,
-    payload BLOB NOT NULL
-);
-CREATE TABLE IF NOT EXISTS counters(name TEXT PRIMARY KEY, value INTEGER NOT NULL);
--- privacy spend of records removed by retention, so the host's epsilon never drops
-CREATE TABLE IF NOT EXISTS spend_archive(
+    payload BLOB NOT NULL              -- nonce (12 bytes) || AES-GCM ciphertext
+)""",
+    "counters": "counters(name TEXT PRIMARY KEY, value INTEGER NOT NULL)",
+    # privacy spend of records removed by retention, so the host's epsilon never drops
+    "spend_archive": """spend_archive(
     elig INTEGER NOT NULL, queries INTEGER NOT NULL, n INTEGER NOT NULL,
     PRIMARY KEY (elig, queries)
-);
-CREATE TABLE IF NOT EXISTS offsets(source TEXT PRIMARY KEY, value TEXT NOT NULL);
-"""
+)""",
+    "offsets": "offsets(source TEXT PRIMARY KEY, value TEXT NOT NULL)",
+}
+_INDEXES = ["CREATE INDEX IF NOT EXISTS records_chash ON records(chash)"]
+# Version 1 -> 2: the same rows, nonce || payload in one column (|| makes text of
+# the bytes; the cast gives them back as a blob, unchanged).
+_MIGRATE_V1 = {
+    "records": "seq, rid, chash, grp, arrived, ts, CAST(nonce || payload AS BLOB), "
+    "elig, queries, retired",
+    "quarantine": "seq, arrived, reason, source, CAST(nonce || payload AS BLOB)",
+}
 
 
 class StoreError(FedstreamError):
@@ -173,12 +185,64 @@ class Store:
             )
             self.db.execute("PRAGMA journal_mode=WAL")
             self.db.execute(f"PRAGMA synchronous={synchronous}")
-            self.db.executescript(_SCHEMA)
+            self._create_or_migrate()
         except sqlite3.DatabaseError as err:
             raise StoreError(f"cannot open store {path}: {err}") from None
         self._aead = AESGCM(key)
         self._mac = hmac.new(key, b"fedstream hash key v1", hashlib.sha256).digest()
         self._check_key()
+
+    def _create_or_migrate(self) -> None:
+        """Create the tables, or bring a store of an older layout to this one, in one
+        transaction (two processes may open the store at once: one migrates)."""
+        cur = self.db.cursor()
+        cur.execute("BEGIN IMMEDIATE")
+        try:
+            have = {r[0] for r in cur.execute("SELECT name FROM sqlite_master")}
+            version = SCHEMA_VERSION
+            if "records" in have:
+                row = cur.execute(
+                    "SELECT value FROM meta WHERE key='schema_version'"
+                ).fetchone()
+                version = 1 if row is None else int(row[0])
+            if version > SCHEMA_VERSION:
+                raise StoreError(
+                    f"store {self.path} has layout {version}, newer than this "
+                    f"fedstream's {SCHEMA_VERSION}; upgrade fedstream"
+                )
+            for name, table in _TABLES.items():
+                if version == 1 and name in _MIGRATE_V1:
+                    self._migrate_v1(cur, name, table)
+                else:
+                    cur.execute(f"CREATE TABLE IF NOT EXISTS {table}")
+            if version == 1:
+                cur.execute("DROP INDEX IF EXISTS records_live")
+            for index in _INDEXES:
+                cur.execute(index)
+            cur.execute(
+                "INSERT INTO meta VALUES('schema_version', ?) ON CONFLICT(key) "
+                "DO UPDATE SET value = excluded.value",
+                (str(SCHEMA_VERSION).encode(),),
+            )
+            cur.execute("COMMIT")
+        except BaseException:
+            cur.execute("ROLLBACK")
+            raise
+
+    @staticmethod
+    def _migrate_v1(cur: sqlite3.Cursor, name: str, table: str) -> None:
+        # AUTOINCREMENT: the new table continues the old one's sequence, so a seq
+        # is never handed out twice (the ledger keys records by seq).
+        row = cur.execute(
+            "SELECT seq FROM sqlite_sequence WHERE name=?", (name,)
+        ).fetchone()
+        cur.execute(f"CREATE TABLE {table.replace(name, name + '_v2', 1)}")
+        cur.execute(f"INSERT INTO {name}_v2 SELECT {_MIGRATE_V1[name]} FROM {name}")
+        cur.execute(f"DROP TABLE {name}")
+        cur.execute(f"ALTER TABLE {name}_v2 RENAME TO {name}")
+        if row is not None:
+            cur.execute("DELETE FROM sqlite_sequence WHERE name=?", (name,))
+            cur.execute("INSERT INTO sqlite_sequence VALUES(?, ?)", (name, row[0]))
 
     # -- keys -----------------------------------------------------------------------
     def _check_key(self) -> None:
@@ -200,19 +264,26 @@ class Store:
     def keyed_hash(self, data: bytes) -> bytes:
         return hmac.digest(self._mac, data, "sha256")[:16]
 
+    def keyed_hashes(self, prefix: bytes, items: list[str]) -> list[bytes]:
+        """``keyed_hash(prefix + item.encode())`` of each item."""
+        if keyed_hashes is not None:
+            return keyed_hashes(self._mac, prefix, items)
+        return [self.keyed_hash(prefix + item.encode()) for item in items]
+
     def _seal(
         self, obj: dict[str, Any], aad: bytes, nonce: bytes | None = None
-    ) -> tuple[bytes, bytes]:
+    ) -> bytes:
+        """``nonce || AES-GCM(obj as JSON)``."""
         nonce = nonce or os.urandom(12)
         try:
             blob = orjson.dumps(obj)
         except TypeError:  # e.g. a lone surrogate: orjson refuses what json writes
             blob = json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode()
-        return nonce, self._aead.encrypt(nonce, blob, aad)
+        return nonce + self._aead.encrypt(nonce, blob, aad)
 
-    def _open(self, nonce: bytes, payload: bytes, aad: bytes) -> dict[str, Any]:
+    def _open(self, payload: bytes, aad: bytes) -> dict[str, Any]:
         try:
-            return json.loads(self._aead.decrypt(nonce, payload, aad))  # type: ignore[no-any-return]
+            return json.loads(self._aead.decrypt(payload[:12], payload[12:], aad))  # type: ignore[no-any-return]
         except InvalidTag:
             raise StoreError(f"a payload in {self.path} fails authentication") from None
 
@@ -247,15 +318,15 @@ class Store:
         for i, (rid, chash, grp, ts, content) in enumerate(batch.records):
             nonce = nonces[12 * i : 12 * i + 12]
             try:
-                payload = encrypt(nonce, dumps(content), rid)
+                payload = nonce + encrypt(nonce, dumps(content), rid)
             except TypeError:  # what orjson refuses, json may write: as _seal
-                nonce, payload = self._seal(content, rid, nonce)
-            rows.append((rid, chash, grp, now, ts or now, len(payload), nonce, payload))
+                payload = self._seal(content, rid, nonce)
+            rows.append((rid, chash, grp, now, ts or now, payload))
         qrows = []
         for reason, source, raw in batch.quarantine:
-            nonce, payload = self._seal({"raw": base64.b64encode(raw).decode()}, b"q")
-            qrows.append((now, reason, source, len(payload), nonce, payload))
-        incoming = sum(r[5] for r in rows) + sum(q[3] for q in qrows)
+            payload = self._seal({"raw": base64.b64encode(raw).decode()}, b"q")
+            qrows.append((now, reason, source, payload))
+        incoming = sum(len(r[5]) for r in rows) + sum(len(q[3]) for q in qrows)
         if self.quota_bytes and self.bytes_used() + incoming > self.quota_bytes:
             raise QuotaExceeded(
                 f"store {self.path} is at its quota ({self.quota_bytes} bytes); "
@@ -267,8 +338,8 @@ class Store:
         try:
             if rows:
                 cur.executemany(
-                    "INSERT INTO records(rid, chash, grp, arrived, ts, nbytes, nonce, "
-                    "payload) VALUES (?,?,?,?,?,?,?,?)",
+                    "INSERT INTO records(rid, chash, grp, arrived, ts, payload) "
+                    "VALUES (?,?,?,?,?,?)",
                     rows,
                 )
                 # AUTOINCREMENT under the write lock: one transaction's rows get
@@ -276,8 +347,8 @@ class Store:
                 last = int(cur.execute("SELECT last_insert_rowid()").fetchone()[0])
                 seqs = list(range(last - len(rows) + 1, last + 1))
             cur.executemany(
-                "INSERT INTO quarantine(arrived, reason, source, nbytes, nonce, "
-                "payload) VALUES (?,?,?,?,?,?)",
+                "INSERT INTO quarantine(arrived, reason, source, payload) "
+                "VALUES (?,?,?,?)",
                 qrows,
             )
             cur.executemany(
@@ -299,8 +370,8 @@ class Store:
     # -- reads ----------------------------------------------------------------------
     def bytes_used(self) -> int:
         row = self.db.execute(
-            "SELECT (SELECT COALESCE(SUM(nbytes),0) FROM records) + "
-            "(SELECT COALESCE(SUM(nbytes),0) FROM quarantine)"
+            "SELECT (SELECT COALESCE(SUM(length(payload)),0) FROM records) + "
+            "(SELECT COALESCE(SUM(length(payload)),0) FROM quarantine)"
         ).fetchone()
         return int(row[0])
 
@@ -321,19 +392,18 @@ class Store:
     def iter_records(self, seqs: Iterable[int] | None = None) -> Iterator[StoredRecord]:
         if seqs is None:
             cur = self.db.execute(
-                "SELECT seq, rid, arrived, ts, elig, nonce, payload FROM records "
-                "ORDER BY seq"
+                "SELECT seq, rid, arrived, ts, elig, payload FROM records ORDER BY seq"
             )
         else:
             seqs = list(seqs)
             marks = ",".join("?" * len(seqs))
             cur = self.db.execute(
-                "SELECT seq, rid, arrived, ts, elig, nonce, payload FROM records "
+                "SELECT seq, rid, arrived, ts, elig, payload FROM records "
                 f"WHERE seq IN ({marks}) ORDER BY seq",
                 seqs,
             )
-        for seq, rid, arrived, ts, elig, nonce, payload in cur:
-            yield StoredRecord(seq, self._open(nonce, payload, rid), arrived, ts, elig)
+        for seq, rid, arrived, ts, elig, payload in cur:
+            yield StoredRecord(seq, self._open(payload, rid), arrived, ts, elig)
 
     # -- stream ledger ----------------------------------------------------------------
     def recent(self, n: int) -> list[int]:
@@ -474,10 +544,10 @@ class Store:
         return int(removed)
 
     def quarantined(self) -> Iterator[tuple[str, str, bytes]]:
-        for reason, source, nonce, payload in self.db.execute(
-            "SELECT reason, source, nonce, payload FROM quarantine ORDER BY seq"
+        for reason, source, payload in self.db.execute(
+            "SELECT reason, source, payload FROM quarantine ORDER BY seq"
         ):
-            raw = base64.b64decode(self._open(nonce, payload, b"q")["raw"])
+            raw = base64.b64decode(self._open(payload, b"q")["raw"])
             yield reason, source, raw
 
     def close(self) -> None:

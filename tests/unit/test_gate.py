@@ -165,3 +165,113 @@ def test_json_edge_cases_keep_their_verdicts():
     assert gate.inspect(b'{"text": "a \\ud800 b"}') == Rejected("invalid_unicode")
     assert gate.inspect(b'{"text": "\xff"}') == Rejected("invalid_utf8")
     assert gate.inspect({"text": "a \ud800 b"}) == Rejected("invalid_unicode")
+
+
+_FAST_CASES = [
+    b'{"text": "plain words", "id": "r1", "tags": ["a"], "label": "x", "ts": 12.5}',
+    b'{"tags":[],"text":"t","ts":0}',
+    b' {"text" : "line\\nbreak\\ttab\\rcr \\"q\\" \\\\ \\/"} ',
+    b'{"text": "x", "ts": 1e5}',
+    b'{"text": "x", "ts": 99999999999.9}',
+    b'{"text": "x", "ts": 100000000000}',
+    b'{"text": "x", "ts": 1e400}',
+    b'{"text": "x", "ts": 123456789012345678901234567890}',
+    b'{"text": "x", "ts": -0}',
+    b'{"text": "x", "ts": 01}',
+    b'{"text": "x", "ts": 1.}',
+    b'{"text": "x", "ts": null}',
+    b'{"text": "x", "ts": true}',
+    b'{"text": "x", "id": 7}',
+    b'{"text": "x", "id": ""}',
+    b'{"text": "x", "label": "' + b"l" * 256 + b'"}',
+    b'{"text": "x", "label": "' + b"l" * 257 + b'"}',
+    b'{"text": "x", "tags": [' + b",".join([b'"t"'] * 16) + b"]}",
+    b'{"text": "x", "tags": [' + b",".join([b'"t"'] * 17) + b"]}",
+    b'{"text": "x", "tags": ["ok", ""]}',
+    b'{"text": "x", "tags": ["a",]}',
+    b'{"text": "x", "tags": "a"}',
+    b'{"text": "x", "text": "y"}',
+    b'{"text": "x", "prompt": "y"}',
+    b'{"text": "x", "extra": 1}',
+    b'{"text": "   \\n\\t "}',
+    b'{"text": ""}',
+    b'{"text": "a\\u0041"}',
+    b'{"text": "a\\bb"}',
+    b'{"text": "a\x7fb"}',
+    b'{"text": "caf\xc3\xa9"}',
+    b'{"text": "a"} x',
+    b'{"text": "a",}',
+    b"{}",
+    b"[]",
+    b'{"te\\/xt": "a"}',
+    b'{"text": "' + b"w " * 16384 + b'"}',
+    b'{"text": "' + b"w " * 16385 + b'"}',
+]
+
+
+def _fields(c):
+    return c if isinstance(c, Rejected) else (c.content, c.parts, c.ts)
+
+
+@pytest.mark.parametrize("raw", _FAST_CASES)
+def test_native_fast_path_agrees_with_the_gate(raw):
+    """Where the native parser takes an input, client.gate's own path gives the same
+    content (key order included) and ts; what it declines, the gate handles."""
+    gate = Gate()
+    exact = gate._checked(raw)
+    fast = gate._checked_many([raw])[0]
+    assert _fields(fast) == _fields(exact)
+    if not isinstance(exact, Rejected):
+        assert list(fast.content) == list(exact.content)
+
+
+def test_native_fast_path_agrees_on_generated_records():
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    text = st.text(st.characters(max_codepoint=0x7F), max_size=40)
+    obj = st.fixed_dictionaries(
+        {"text": text},
+        optional={
+            "id": st.one_of(text, st.integers()),
+            "label": text,
+            "tags": st.lists(text, max_size=18),
+            "ts": st.one_of(st.integers(-5, 10**12), st.floats(allow_nan=False)),
+        },
+    )
+
+    @settings(max_examples=1500, deadline=None, database=None)
+    @given(obj, st.booleans())
+    def check(record, compact):
+        gate = Gate(GateSettings(max_field_chars=30, max_tags=12))
+        raw = json.dumps(record, separators=(",", ":") if compact else None).encode()
+        assert _fields(gate._checked_many([raw])[0]) == _fields(gate._checked(raw))
+
+    check()
+
+
+def test_native_pii_screen_flags_what_hyperscan_flags():
+    """client._native's screen and the Hyperscan screen flag the same texts, on
+    texts built from the screen's own patterns, near misses and noise."""
+    import random
+
+    rng = random.Random(0)
+    alphabet = "0123456789 .()-:abcdefABCDEF@GHKSTXYZghopusrxk_J=é\x00\n"
+    pieces = [
+        *PLANTED.values(),
+        "-----BEGIN ", "AKIA", "ghp_", "gho_", "gh_", "xoxb-", "xoxq-", "sk-", "eyJ",
+        "PASS", "pwd", "SeCrEt", "aPi", "TOKEN", "DE89", "1.2.3.4", "1234.5.6.7",
+        "12.345.6.7", "1-2-3-4-5-6-7-8-9", "1    2", "1:2:3:4:5:6:7:8", "1:2:3:4:5:6:7",
+        "abcde:1:2:3:4:5:6:7", "1(2)3.4-5 6 7 8 9", "12345678", "123456789",
+    ]  # fmt: skip
+    texts = [
+        "".join(
+            rng.choice([rng.choice(alphabet), rng.choice(pieces), " "])
+            for _ in range(rng.randint(0, 7))
+        )
+        for _ in range(20_000)
+    ]
+    scrubber = Scrubber()
+    native = scrubber._screen(texts)
+    assert native == scrubber._screen_hyperscan(texts)
+    assert 1_000 < len(native) < len(texts) - 1_000

@@ -4,6 +4,7 @@ import base64
 import json
 import os
 import stat
+from pathlib import Path
 
 import pytest
 
@@ -17,6 +18,18 @@ def _texts(n):
         f"ward {i % 5}"
         for i in range(n)
     ]
+
+
+@pytest.fixture(params=["native", "python"])
+def near_impl(request, monkeypatch):
+    """client._native, and its pure-Python twin for unbuilt source trees."""
+    if request.param == "python":
+        import client.ingest
+        import client.near_py
+
+        for name in ("NearIndex", "rows_to_bytes", "token_hashes"):
+            monkeypatch.setattr(client.ingest, name, getattr(client.near_py, name))
+    return request.param
 
 
 def _open(tmp_path, **kw):
@@ -109,7 +122,9 @@ def test_counters_account_for_every_input(tmp_path):
     assert sum(v for k, v in c.items() if k.startswith("quarantined:")) == 3
 
 
-def test_near_duplicates_are_quarantined_and_horizon_survives_restart(tmp_path):
+def test_near_duplicates_are_quarantined_and_horizon_survives_restart(
+    tmp_path, near_impl
+):
     store = _open(tmp_path)
     base = (
         "the quarterly report shows revenue growth in every region with strong "
@@ -139,7 +154,7 @@ def test_near_duplicates_are_quarantined_and_horizon_survives_restart(tmp_path):
     assert reasons == ["near_duplicate"]
 
 
-def test_near_duplicate_index_finds_exactly_the_band_matches():
+def test_near_duplicate_index_finds_exactly_the_band_matches(near_impl):
     """The native LSH index proposes exactly the records that share a whole band
     (16 bands of 8 rows) with the query, and verification is digest agreement."""
     import numpy as np
@@ -155,10 +170,10 @@ def test_near_duplicate_index_finds_exactly_the_band_matches():
         for m in range(5)
     ]
     sketches = near.sketch_many(texts)
-    digests = np.array([s.digest() for s in sketches], dtype=np.uint32)
+    digests = np.frombuffer(sketches, dtype=np.uint32).reshape(len(texts), 128)
     half = len(texts) // 2
-    for sketch in sketches[:half]:
-        near.add(sketch)
+    keys = [near.add(sketches, row) for row in range(half)]
+    assert keys == list(range(half))
     for i in range(half, len(texts)):
         exact = {
             k
@@ -168,9 +183,64 @@ def test_near_duplicate_index_finds_exactly_the_band_matches():
                 for b in range(16)
             )
         }
-        assert set(near.lsh.query(sketches[i])) == exact
+        assert near.index.candidates(sketches, i) == exact
         agree = max(((digests[list(exact)] == digests[i]).mean(1)), default=0.0)
-        assert near.query(sketches[i]) == (agree >= 0.8)
+        assert near.query(sketches, i) == (agree >= 0.8)
+
+
+def test_near_duplicate_sketches_are_rensas(near_impl):
+    """Tokens cut and hashed natively give rensa's own sketches of the Python
+    shingles, ASCII or not, short or long."""
+    import numpy as np
+    from rensa import RMinHash
+
+    from client._native import token_hash
+    from client.ingest import NearDuplicates, shingles
+
+    texts = [
+        *_texts(200),
+        "",
+        "a",
+        "a b",
+        "a b c",
+        "!!! x",
+        "snake_case and-dash 12.5%",
+    ]
+    texts += ["café au lait, très bien servi à midi", "ελληνικά κείμενα εδώ"]
+    near = NearDuplicates(horizon=100, threshold=0.8)
+    got = np.frombuffer(near.sketch_many(texts), dtype=np.uint32)
+    want = [m.digest() for m in RMinHash.from_token_sets(map(shingles, texts), 128, 17)]
+    assert np.array_equal(got.reshape(len(texts), 128), np.array(want, np.uint32))
+    tokens = ["", "a", "abcdefgh", "abcdefghi", "x" * 16, "y" * 17, "é ü", "z" * 100]
+    ours = [token_hash(t.encode()) for t in tokens]
+    assert ours == RMinHash.hash_token_sets([tokens])[0]
+
+
+def test_near_duplicate_index_is_bounded_and_forgets_a_failed_batch(near_impl):
+    """The horizon holds the newest records; removing the newest keys (a failed
+    commit) leaves the index as it was, so later adds evict the same records."""
+    from client.ingest import NearDuplicates
+
+    texts = [
+        f"record number {i} says something entirely its own {i * 7919}"
+        for i in range(12)
+    ]
+    near = NearDuplicates(horizon=5, threshold=0.8)
+    sk = near.sketch_many(texts)
+    for row in range(5):
+        near.add(sk, row)
+    assert len(near) == 5 and near.query(sk, 0)
+    near.add(sk, 5)  # evicts record 0
+    assert len(near) == 5 and not near.query(sk, 0) and near.query(sk, 1)
+    pending = [near.add(sk, row) for row in (6, 7)]  # evict 1 and 2
+    for key in pending:
+        near.remove(key)
+    assert len(near) == 3 and not near.query(sk, 6)
+    near.add(sk, 8)
+    near.add(sk, 9)  # the freed slots: nothing more is evicted
+    assert len(near) == 5 and all(near.query(sk, r) for r in (3, 4, 5, 8, 9))
+    near.add(sk, 10)  # now the oldest (3) leaves
+    assert not near.query(sk, 3) and near.query(sk, 4)
 
 
 def _open_and_report(args):
@@ -194,3 +264,145 @@ def test_many_processes_creating_one_store_at_once(tmp_path):
     Store(tmp_path / "s.db", key).close()
     with pytest.raises(KeyError_):
         Store(tmp_path / "s.db", os.urandom(32))
+
+
+_V1_SCHEMA = """
+CREATE TABLE meta(key TEXT PRIMARY KEY, value BLOB NOT NULL);
+CREATE TABLE records(
+    seq INTEGER PRIMARY KEY AUTOINCREMENT, rid BLOB NOT NULL UNIQUE,
+    chash BLOB NOT NULL, grp BLOB NOT NULL, arrived REAL NOT NULL, ts REAL NOT NULL,
+    nbytes INTEGER NOT NULL, nonce BLOB NOT NULL, payload BLOB NOT NULL,
+    elig INTEGER NOT NULL DEFAULT 0, queries INTEGER NOT NULL DEFAULT 0,
+    retired INTEGER NOT NULL DEFAULT 0
+);
+CREATE INDEX records_chash ON records(chash);
+CREATE INDEX records_live ON records(retired, seq);
+CREATE TABLE quarantine(
+    seq INTEGER PRIMARY KEY AUTOINCREMENT, arrived REAL NOT NULL, reason TEXT NOT NULL,
+    source TEXT NOT NULL, nbytes INTEGER NOT NULL, nonce BLOB NOT NULL,
+    payload BLOB NOT NULL
+);
+"""
+
+
+def test_a_store_of_layout_1_is_migrated_on_open(tmp_path):
+    """A store written with the first layout (nonce and nbytes columns) opens: its
+    records, quarantine, ledger columns and seq sequence carry over, it still
+    deduplicates against them, and it says it is at layout 2."""
+    import sqlite3
+
+    from client.store import SCHEMA_VERSION
+
+    store = _open(tmp_path)
+    texts = _texts(6)
+    items = [
+        (json.dumps({"text": t, "id": f"r{i}"}).encode(), "t")
+        for i, t in enumerate(texts)
+    ]
+    Ingestor(store).submit([*items, (b"not json", "t")])
+    store.apply_round(top=6, retire=[], eligible=[2, 3], meta={})
+    store.purge(older_than=0)  # nothing: every record is newer
+    before = [(r.seq, r.content, r.elig) for r in store.iter_records()]
+    quarantined = list(store.quarantined())
+    store.close()
+    # Rewrite the file in layout 1, as the first release wrote it.
+    db = sqlite3.connect(tmp_path / "store.db", isolation_level=None)
+    rows = db.execute(
+        "SELECT seq, rid, chash, grp, arrived, ts, payload, elig, queries, retired "
+        "FROM records"
+    ).fetchall()
+    qrows = db.execute("SELECT seq, arrived, reason, source, payload FROM quarantine")
+    qrows = qrows.fetchall()
+    db.execute("DELETE FROM records WHERE seq = 6")  # the newest seq is gone
+    db.executescript(
+        "BEGIN; ALTER TABLE records RENAME TO r2; ALTER TABLE quarantine RENAME TO q2;"
+        "DROP TABLE r2; DROP TABLE q2; DELETE FROM meta WHERE key='schema_version';"
+        + _V1_SCHEMA.replace(
+            "CREATE TABLE meta(key TEXT PRIMARY KEY, value BLOB NOT NULL);", ""
+        )
+        + "COMMIT;"
+    )
+    db.executemany(
+        "INSERT INTO records VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
+        [
+            (*r[:6], len(r[6]) - 12, r[6][:12], r[6][12:], *r[7:])
+            for r in rows
+            if r[0] != 6
+        ],
+    )
+    db.executemany(
+        "INSERT INTO quarantine VALUES (?,?,?,?,?,?,?)",
+        [(*q[:4], len(q[4]) - 12, q[4][:12], q[4][12:]) for q in qrows],
+    )
+    db.execute("UPDATE sqlite_sequence SET seq = 6 WHERE name = 'records'")
+    db.close()
+
+    store = _open(tmp_path)
+    assert store.meta_int("schema_version") == SCHEMA_VERSION == 2
+    cols = [r[1] for r in store.db.execute("PRAGMA table_info(records)")]
+    assert "nonce" not in cols and "nbytes" not in cols
+    assert [(r.seq, r.content, r.elig) for r in store.iter_records()] == before[:5]
+    assert list(store.quarantined()) == quarantined
+    acks = Ingestor(store).submit(
+        [items[0], (json.dumps({"text": "fresh"}).encode(), "t")]
+    )
+    assert [a.status for a in acks] == ["DUPLICATE", "STORED"]
+    assert acks[1].seq == 7  # seq 6 was handed out once; never again
+    store.close()
+    _open(tmp_path).close()  # opening a migrated store again changes nothing
+
+
+def test_native_and_python_near_duplicates_decide_alike(tmp_path, monkeypatch):
+    """The bench's stream through both implementations: the same acknowledgements."""
+    import sys
+
+    import client.ingest
+    import client.near_py
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
+    from ingest import make_records
+
+    records = make_records(3000)
+    acks = []
+    for impl in ("native", "python"):
+        if impl == "python":
+            for name in ("NearIndex", "rows_to_bytes", "token_hashes"):
+                monkeypatch.setattr(client.ingest, name, getattr(client.near_py, name))
+        store = Store(tmp_path / f"{impl}.db", load_key(tmp_path / "key"))
+        ing = Ingestor(store)
+        acks.append(
+            [
+                (a.status, a.reason)
+                for i in range(0, len(records), 256)
+                for a in ing.submit([(r, "b") for r in records[i : i + 256]])
+            ]
+        )
+        store.close()
+    assert acks[0] == acks[1]
+    assert sum(a == ("QUARANTINED", "near_duplicate") for a in acks[0]) > 50
+
+
+@pytest.mark.parametrize("sha_extensions", [True, False])
+def test_batched_keyed_hashes_are_the_stores_keyed_hash(tmp_path, sha_extensions):
+    """The native HMAC-SHA256 (with and without the CPU's SHA extensions) gives the
+    store's keyed hashes byte for byte, so existing stores still deduplicate."""
+    import random
+
+    from client import _native
+
+    rng = random.Random(0)
+    items = ["", "a", "x" * 55, "y" * 56, "z" * 64, "é" * 40, "ü" * 300]
+    items += [
+        "".join(rng.choice("ab ç\n") for _ in range(rng.randrange(400)))
+        for _ in range(300)
+    ]
+    store = _open(tmp_path)
+    before = _native.sha_extensions()
+    try:
+        _native.use_sha_extensions(sha_extensions)
+        for prefix in (b"c:", b"i:", b"g:", b""):
+            want = [store.keyed_hash(prefix + t.encode()) for t in items]
+            assert store.keyed_hashes(prefix, items) == want
+    finally:
+        _native.use_sha_extensions(before)
+    store.close()

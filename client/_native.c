@@ -1,0 +1,1127 @@
+/* Native hot paths of ingestion: the gate's fast path for the common record shape,
+ * and the near-duplicate index for client.ingest: word 3-gram MinHash sketches and a
+ * banded LSH over the last `horizon` records.
+ *
+ * Tokens are hashed here with rensa's FxHash-style byte hash (rensa src/utils.rs,
+ * checked against rensa's own `hash_token_sets` in the tests); rensa turns the flat
+ * hashes of a batch into MinHash digests; the index below keeps the digests.
+ *
+ * A record is a near-duplicate when it shares a whole band (rows consecutive digest
+ * values) with an indexed record whose digest agrees with its own in at least
+ * `threshold` of the positions.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#if PY_LITTLE_ENDIAN != 1
+#error "client._native assumes a little-endian host"
+#endif
+
+/* ---- rensa's token hash (src/utils.rs: calculate_hash_fast) ------------------ */
+
+static inline uint64_t rd64(const unsigned char *p) {
+    uint64_t v;
+    memcpy(&v, p, 8);
+    return v; /* little-endian host (x86-64, aarch64) */
+}
+
+static inline uint32_t rd32(const unsigned char *p) {
+    uint32_t v;
+    memcpy(&v, p, 4);
+    return v;
+}
+
+static inline uint64_t mix(uint64_t x, uint64_t y) {
+    unsigned __int128 full = (unsigned __int128)x * y;
+    return (uint64_t)full ^ (uint64_t)(full >> 64);
+}
+
+static inline uint64_t rotl64(uint64_t x, int r) { return (x << r) | (x >> (64 - r)); }
+
+static uint64_t token_hash(const unsigned char *b, size_t len) {
+    uint64_t s0 = 0x243f6a8885a308d3ULL, s1 = 0x13198a2e03707344ULL;
+    if (len <= 16) {
+        if (len >= 8) {
+            s0 ^= rd64(b);
+            s1 ^= rd64(b + len - 8);
+        } else if (len >= 4) {
+            s0 ^= rd32(b);
+            s1 ^= rd32(b + len - 4);
+        } else if (len > 0) {
+            s0 ^= b[0];
+            s1 ^= ((uint64_t)b[len - 1] << 8) | b[len / 2];
+        }
+    } else {
+        size_t off = 0;
+        while (off < len - 16) {
+            uint64_t t = mix(s0 ^ rd64(b + off), 0xa4093822299f31d0ULL ^ rd64(b + off + 8));
+            s0 = s1;
+            s1 = t;
+            off += 16;
+        }
+        s0 ^= rd64(b + len - 16);
+        s1 ^= rd64(b + len - 8);
+    }
+    uint64_t h = mix(s0, s1) ^ (uint64_t)len;
+    return rotl64(h * 0xf1357aea2e62a9c5ULL, 26);
+}
+
+/* ---- shingles of an ASCII key text: word 3-grams, as client.ingest.shingles ---- */
+
+static inline int is_word(unsigned char c) {
+    return (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') ||
+           c == '_';
+}
+
+typedef struct {
+    uint64_t *h;
+    Py_ssize_t n, cap;
+} HashVec;
+
+static int push(HashVec *v, uint64_t x) {
+    if (v->n == v->cap) {
+        Py_ssize_t cap = v->cap ? 2 * v->cap : 64;
+        uint64_t *h = PyMem_Realloc(v->h, cap * sizeof(uint64_t));
+        if (!h) return -1;
+        v->h = h;
+        v->cap = cap;
+    }
+    v->h[v->n++] = x;
+    return 0;
+}
+
+/* Words are the runs of [A-Za-z0-9_] (ASCII \w); a shingle is three consecutive
+ * words joined by one space; fewer than three words make one shingle of them all. */
+static int ascii_shingles(const unsigned char *s, Py_ssize_t len, HashVec *out,
+                          unsigned char **buf, Py_ssize_t *bufcap) {
+    Py_ssize_t starts[3], ends[3]; /* the last three words, as a ring */
+    Py_ssize_t words = 0;
+    if (*bufcap < len + 3) {
+        unsigned char *nb = PyMem_Realloc(*buf, len + 3);
+        if (!nb) return -1;
+        *buf = nb;
+        *bufcap = len + 3;
+    }
+    Py_ssize_t i = 0;
+    while (i < len) {
+        while (i < len && !is_word(s[i])) i++;
+        if (i >= len) break;
+        Py_ssize_t st = i;
+        while (i < len && is_word(s[i])) i++;
+        starts[words % 3] = st;
+        ends[words % 3] = i;
+        words++;
+        if (words >= 3) {
+            Py_ssize_t k = 0;
+            for (Py_ssize_t w = words - 3; w < words; w++) {
+                Py_ssize_t wl = ends[w % 3] - starts[w % 3];
+                if (k) (*buf)[k++] = ' ';
+                memcpy(*buf + k, s + starts[w % 3], wl);
+                k += wl;
+            }
+            if (push(out, token_hash(*buf, k)) < 0) return -1;
+        }
+    }
+    if (words < 3) {
+        Py_ssize_t k = 0;
+        for (Py_ssize_t w = 0; w < words; w++) {
+            Py_ssize_t wl = ends[w] - starts[w];
+            if (k) (*buf)[k++] = ' ';
+            memcpy(*buf + k, s + starts[w], wl);
+            k += wl;
+        }
+        if (push(out, token_hash(*buf, k)) < 0) return -1;
+    }
+    return 0;
+}
+
+/* ---- the index --------------------------------------------------------------- */
+
+typedef struct {
+    PyObject_HEAD int num_perm, bands, rows;
+    Py_ssize_t horizon;
+    double threshold;
+    uint32_t *dig;     /* (horizon, num_perm) */
+    int64_t *keys;     /* (horizon,) key held by the slot, -1 when empty */
+    uint64_t *bh;      /* (horizon, bands) band hashes */
+    int32_t *nxt, *prv; /* (horizon, bands) chain links, -1 at the ends */
+    int32_t *heads;    /* (bands, nbuckets) */
+    uint32_t mask;
+    int64_t next_key;
+    Py_ssize_t size;
+    uint32_t *stamp; /* (horizon,) last query that verified the slot */
+    uint32_t query_no;
+} NearIndex;
+
+static uint64_t band_hash(const uint32_t *v, int rows) {
+    uint64_t h = 0x9e3779b97f4a7c15ULL;
+    for (int i = 0; i < rows; i++) h = (h ^ v[i]) * 0xff51afd7ed558ccdULL;
+    return h ^ (h >> 29);
+}
+
+static void NearIndex_dealloc(NearIndex *self) {
+    PyMem_Free(self->dig);
+    PyMem_Free(self->keys);
+    PyMem_Free(self->bh);
+    PyMem_Free(self->nxt);
+    PyMem_Free(self->prv);
+    PyMem_Free(self->heads);
+    PyMem_Free(self->stamp);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static int NearIndex_init(NearIndex *self, PyObject *args, PyObject *kw) {
+    static char *names[] = {"num_perm", "bands", "horizon", "threshold", NULL};
+    int num_perm, bands;
+    Py_ssize_t horizon;
+    double threshold;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "$iind", names, &num_perm, &bands, &horizon,
+                                     &threshold))
+        return -1;
+    if (num_perm <= 0 || bands <= 0 || num_perm % bands || horizon < 0 ||
+        horizon > (1 << 28)) {
+        PyErr_SetString(PyExc_ValueError,
+                        "num_perm must be a positive multiple of bands, horizon in 0..2**28");
+        return -1;
+    }
+    if (self->dig) {
+        PyErr_SetString(PyExc_RuntimeError, "NearIndex is already initialised");
+        return -1;
+    }
+    self->num_perm = num_perm;
+    self->bands = bands;
+    self->rows = num_perm / bands;
+    self->horizon = horizon;
+    self->threshold = threshold;
+    if (horizon == 0) horizon = 1; /* a horizon of 0 keeps nothing; one spare slot */
+    uint32_t nb = 1;
+    while (nb < 2 * (uint64_t)horizon) nb <<= 1;
+    self->mask = nb - 1;
+    self->dig = PyMem_Malloc((size_t)horizon * num_perm * sizeof(uint32_t));
+    self->keys = PyMem_Malloc((size_t)horizon * sizeof(int64_t));
+    self->bh = PyMem_Malloc((size_t)horizon * bands * sizeof(uint64_t));
+    self->nxt = PyMem_Malloc((size_t)horizon * bands * sizeof(int32_t));
+    self->prv = PyMem_Malloc((size_t)horizon * bands * sizeof(int32_t));
+    self->heads = PyMem_Malloc((size_t)nb * bands * sizeof(int32_t));
+    self->stamp = PyMem_Calloc((size_t)horizon, sizeof(uint32_t));
+    if (!self->dig || !self->keys || !self->bh || !self->nxt ||
+        !self->prv || !self->heads || !self->stamp) {
+        PyErr_NoMemory();
+        return -1;
+    }
+    for (Py_ssize_t i = 0; i < horizon; i++) self->keys[i] = -1;
+    for (size_t i = 0; i < (size_t)nb * bands; i++) self->heads[i] = -1;
+    return 0;
+}
+
+/* digests argument: a C-contiguous buffer of (n, num_perm) uint32 */
+static const uint32_t *row_of(NearIndex *self, Py_buffer *view, Py_ssize_t row) {
+    Py_ssize_t width = (Py_ssize_t)self->num_perm * 4;
+    if (view->len % width || row < 0 || row >= view->len / width) {
+        PyErr_SetString(PyExc_IndexError, "digest row out of range");
+        return NULL;
+    }
+    return (const uint32_t *)((const char *)view->buf + row * width);
+}
+
+static int query_digest(NearIndex *self, const uint32_t *d) {
+    int rows = self->rows, n = self->num_perm;
+    if (++self->query_no == 0) { /* wrapped: forget old stamps */
+        memset(self->stamp, 0, self->horizon * sizeof(uint32_t));
+        self->query_no = 1;
+    }
+    for (int band = 0; band < self->bands; band++) {
+        const uint32_t *bv = d + band * rows;
+        uint64_t h = band_hash(bv, rows);
+        int32_t slot = self->heads[(size_t)band * (self->mask + 1) + (h & self->mask)];
+        while (slot >= 0) {
+            size_t sb = (size_t)slot * self->bands + band;
+            const uint32_t *other = self->dig + (size_t)slot * n;
+            if (self->bh[sb] == h && self->stamp[slot] != self->query_no &&
+                memcmp(other + band * rows, bv, rows * sizeof(uint32_t)) == 0) {
+                self->stamp[slot] = self->query_no;
+                int agree = 0;
+                for (int i = 0; i < n; i++) agree += other[i] == d[i];
+                if ((double)agree / (double)n >= self->threshold) return 1;
+            }
+            slot = self->nxt[sb];
+        }
+    }
+    return 0;
+}
+
+static void unlink_slot(NearIndex *self, int32_t slot) {
+    for (int band = 0; band < self->bands; band++) {
+        size_t sb = (size_t)slot * self->bands + band;
+        int32_t p = self->prv[sb], x = self->nxt[sb];
+        if (p >= 0)
+            self->nxt[(size_t)p * self->bands + band] = x;
+        else
+            self->heads[(size_t)band * (self->mask + 1) + (self->bh[sb] & self->mask)] = x;
+        if (x >= 0) self->prv[(size_t)x * self->bands + band] = p;
+    }
+    self->keys[slot] = -1;
+    self->size--;
+}
+
+static int64_t add_digest(NearIndex *self, const uint32_t *d) {
+    int64_t key = self->next_key++;
+    if (self->horizon == 0) return key; /* evicted at once */
+    int32_t slot = (int32_t)(key % self->horizon);
+    if (self->keys[slot] >= 0) unlink_slot(self, slot); /* the oldest record leaves */
+    memcpy(self->dig + (size_t)slot * self->num_perm, d, self->num_perm * sizeof(uint32_t));
+    for (int band = 0; band < self->bands; band++) {
+        size_t sb = (size_t)slot * self->bands + band;
+        uint64_t h = band_hash(d + band * self->rows, self->rows);
+        int32_t *head = &self->heads[(size_t)band * (self->mask + 1) + (h & self->mask)];
+        self->bh[sb] = h;
+        self->prv[sb] = -1;
+        self->nxt[sb] = *head;
+        if (*head >= 0) self->prv[(size_t)*head * self->bands + band] = slot;
+        *head = slot;
+    }
+    self->keys[slot] = key;
+    self->stamp[slot] = 0;
+    self->size++;
+    return key;
+}
+
+static PyObject *NearIndex_query(NearIndex *self, PyObject *args) {
+    Py_buffer view;
+    Py_ssize_t row;
+    if (!PyArg_ParseTuple(args, "y*n", &view, &row)) return NULL;
+    const uint32_t *d = row_of(self, &view, row);
+    int found = d ? query_digest(self, d) : -1;
+    PyBuffer_Release(&view);
+    if (found < 0) return NULL;
+    return PyBool_FromLong(found);
+}
+
+static PyObject *NearIndex_add(NearIndex *self, PyObject *args) {
+    Py_buffer view;
+    Py_ssize_t row;
+    if (!PyArg_ParseTuple(args, "y*n", &view, &row)) return NULL;
+    const uint32_t *d = row_of(self, &view, row);
+    if (!d) {
+        PyBuffer_Release(&view);
+        return NULL;
+    }
+    int64_t key = add_digest(self, d);
+    PyBuffer_Release(&view);
+    return PyLong_FromLongLong(key);
+}
+
+/* query, then add when it is not a near-duplicate: the key, or -1 */
+static PyObject *NearIndex_offer(NearIndex *self, PyObject *args) {
+    Py_buffer view;
+    Py_ssize_t row;
+    if (!PyArg_ParseTuple(args, "y*n", &view, &row)) return NULL;
+    const uint32_t *d = row_of(self, &view, row);
+    if (!d) {
+        PyBuffer_Release(&view);
+        return NULL;
+    }
+    int64_t key = query_digest(self, d) ? -1 : add_digest(self, d);
+    PyBuffer_Release(&view);
+    return PyLong_FromLongLong(key);
+}
+
+static PyObject *NearIndex_remove(NearIndex *self, PyObject *arg) {
+    long long key = PyLong_AsLongLong(arg);
+    if (key == -1 && PyErr_Occurred()) return NULL;
+    if (key < 0 || key >= self->next_key || self->horizon == 0) Py_RETURN_NONE;
+    int32_t slot = (int32_t)(key % self->horizon);
+    if (self->keys[slot] == key) unlink_slot(self, slot);
+    /* Removing the newest keys (a failed commit) hands their slots back, so the
+     * index holds exactly what it held before they were added. */
+    while (self->next_key > 0 &&
+           self->keys[(self->next_key - 1) % self->horizon] != self->next_key - 1)
+        self->next_key--;
+    Py_RETURN_NONE;
+}
+
+static PyObject *NearIndex_candidates(NearIndex *self, PyObject *args) {
+    Py_buffer view;
+    Py_ssize_t row;
+    if (!PyArg_ParseTuple(args, "y*n", &view, &row)) return NULL;
+    const uint32_t *d = row_of(self, &view, row);
+    PyObject *out = d ? PySet_New(NULL) : NULL;
+    if (!out) {
+        PyBuffer_Release(&view);
+        return NULL;
+    }
+    for (int band = 0; band < self->bands; band++) {
+        const uint32_t *bv = d + band * self->rows;
+        uint64_t h = band_hash(bv, self->rows);
+        int32_t slot = self->heads[(size_t)band * (self->mask + 1) + (h & self->mask)];
+        while (slot >= 0) {
+            size_t sb = (size_t)slot * self->bands + band;
+            if (self->bh[sb] == h &&
+                memcmp(self->dig + (size_t)slot * self->num_perm + band * self->rows, bv,
+                       self->rows * sizeof(uint32_t)) == 0) {
+                PyObject *k = PyLong_FromLongLong(self->keys[slot]);
+                if (!k || PySet_Add(out, k) < 0) {
+                    Py_XDECREF(k);
+                    Py_DECREF(out);
+                    PyBuffer_Release(&view);
+                    return NULL;
+                }
+                Py_DECREF(k);
+            }
+            slot = self->nxt[sb];
+        }
+    }
+    PyBuffer_Release(&view);
+    return out;
+}
+
+static Py_ssize_t NearIndex_len(NearIndex *self) { return self->size; }
+
+static PyMethodDef NearIndex_methods[] = {
+    {"query", (PyCFunction)NearIndex_query, METH_VARARGS,
+     "query(digests, row) -> bool: is the row a near-duplicate of an indexed record?"},
+    {"add", (PyCFunction)NearIndex_add, METH_VARARGS,
+     "add(digests, row) -> key: index the row, the oldest record leaving at the horizon."},
+    {"offer", (PyCFunction)NearIndex_offer, METH_VARARGS,
+     "offer(digests, row) -> key, or -1 for a near-duplicate (then nothing is added)."},
+    {"remove", (PyCFunction)NearIndex_remove, METH_O, "remove(key): drop a record."},
+    {"candidates", (PyCFunction)NearIndex_candidates, METH_VARARGS,
+     "candidates(digests, row) -> set of keys sharing a whole band with the row."},
+    {NULL, NULL, 0, NULL}};
+
+static PySequenceMethods NearIndex_as_sequence = {.sq_length = (lenfunc)NearIndex_len};
+
+static PyTypeObject NearIndexType = {
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "client._native.NearIndex",
+    .tp_basicsize = sizeof(NearIndex),
+    .tp_dealloc = (destructor)NearIndex_dealloc,
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_doc = "Banded MinHash LSH over the last `horizon` records.",
+    .tp_methods = NearIndex_methods,
+    .tp_as_sequence = &NearIndex_as_sequence,
+    .tp_init = (initproc)NearIndex_init,
+    .tp_new = PyType_GenericNew,
+};
+
+static PyObject *py_token_hash(PyObject *Py_UNUSED(mod), PyObject *arg) {
+    Py_buffer view;
+    if (PyObject_GetBuffer(arg, &view, PyBUF_SIMPLE) < 0) return NULL;
+    uint64_t h = token_hash(view.buf, view.len);
+    PyBuffer_Release(&view);
+    return PyLong_FromUnsignedLongLong(h);
+}
+
+/* token_hashes(items) -> (hashes, offsets): the token hashes of every item, flat, as
+ * native uint64 bytes, and len(items) + 1 row offsets into them. An item is an ASCII
+ * key text (shingled here) or a list of str tokens (shingled by the caller). */
+static PyObject *py_token_hashes(PyObject *Py_UNUSED(mod), PyObject *items) {
+    PyObject *seq = PySequence_Fast(items, "token_hashes() takes a list");
+    if (!seq) return NULL;
+    Py_ssize_t n = PySequence_Fast_GET_SIZE(seq);
+    HashVec hv = {0};
+    unsigned char *buf = NULL;
+    Py_ssize_t bufcap = 0;
+    PyObject *offsets = PyBytes_FromStringAndSize(NULL, (n + 1) * sizeof(uint64_t));
+    if (!offsets) goto fail;
+    uint64_t *off = (uint64_t *)PyBytes_AS_STRING(offsets);
+    off[0] = 0;
+    for (Py_ssize_t j = 0; j < n; j++) {
+        PyObject *item = PySequence_Fast_GET_ITEM(seq, j);
+        if (PyUnicode_Check(item)) {
+            if (!PyUnicode_IS_ASCII(item)) {
+                PyErr_SetString(PyExc_ValueError, "token_hashes(): a str item must be ASCII");
+                goto fail;
+            }
+            if (ascii_shingles(PyUnicode_1BYTE_DATA(item), PyUnicode_GET_LENGTH(item), &hv,
+                               &buf, &bufcap) < 0)
+                goto nomem;
+        } else {
+            PyObject *toks = PySequence_Fast(item, "token_hashes(): an item is a str or a list");
+            if (!toks) goto fail;
+            for (Py_ssize_t t = 0; t < PySequence_Fast_GET_SIZE(toks); t++) {
+                Py_ssize_t len;
+                const char *s = PyUnicode_AsUTF8AndSize(PySequence_Fast_GET_ITEM(toks, t), &len);
+                if (!s || push(&hv, token_hash((const unsigned char *)s, len)) < 0) {
+                    Py_DECREF(toks);
+                    if (!s) goto fail;
+                    goto nomem;
+                }
+            }
+            Py_DECREF(toks);
+        }
+        off[j + 1] = (uint64_t)hv.n;
+    }
+    PyObject *hashes = PyBytes_FromStringAndSize((const char *)hv.h, hv.n * sizeof(uint64_t));
+    PyMem_Free(hv.h);
+    PyMem_Free(buf);
+    Py_DECREF(seq);
+    if (!hashes) {
+        Py_DECREF(offsets);
+        return NULL;
+    }
+    return Py_BuildValue("(NN)", hashes, offsets);
+nomem:
+    PyErr_NoMemory();
+fail:
+    PyMem_Free(hv.h);
+    PyMem_Free(buf);
+    Py_DECREF(seq);
+    Py_XDECREF(offsets);
+    return NULL;
+}
+
+/* rows_to_bytes(rows, width) -> bytes: a list of `width` int lists (rensa's digests)
+ * as one (len(rows), width) uint32 matrix. */
+static PyObject *py_rows_to_bytes(PyObject *Py_UNUSED(mod), PyObject *args) {
+    PyObject *rows;
+    Py_ssize_t width;
+    if (!PyArg_ParseTuple(args, "On", &rows, &width)) return NULL;
+    PyObject *seq = PySequence_Fast(rows, "rows_to_bytes() takes a list");
+    if (!seq) return NULL;
+    Py_ssize_t n = PySequence_Fast_GET_SIZE(seq);
+    PyObject *out = PyBytes_FromStringAndSize(NULL, n * width * 4);
+    if (!out) goto fail;
+    uint32_t *dst = (uint32_t *)PyBytes_AS_STRING(out);
+    for (Py_ssize_t j = 0; j < n; j++) {
+        PyObject *row = PySequence_Fast(PySequence_Fast_GET_ITEM(seq, j), "a row is a list");
+        if (!row) goto fail;
+        if (PySequence_Fast_GET_SIZE(row) != width) {
+            Py_DECREF(row);
+            PyErr_SetString(PyExc_ValueError, "rows_to_bytes(): a row of the wrong width");
+            goto fail;
+        }
+        for (Py_ssize_t i = 0; i < width; i++) {
+            unsigned long v = PyLong_AsUnsignedLong(PySequence_Fast_GET_ITEM(row, i));
+            if (v == (unsigned long)-1 && PyErr_Occurred()) {
+                Py_DECREF(row);
+                goto fail;
+            }
+            dst[j * width + i] = (uint32_t)v;
+        }
+        Py_DECREF(row);
+    }
+    Py_DECREF(seq);
+    return out;
+fail:
+    Py_DECREF(seq);
+    Py_XDECREF(out);
+    return NULL;
+}
+
+/* ---- the gate's fast path: the common record shape, parsed and checked ---------
+ *
+ * simple_records(raws, max_raw_bytes, max_text_bytes, max_tags, max_field_chars)
+ * -> list of (content, ts) or None per input. An input gets a result only when it is
+ * an ASCII JSON object of the usual shape ("text", optional "label", "id" strings,
+ * "tags" list of strings, "ts" a non-negative number), with no escapes beyond
+ * \" \\ \/ \n \r \t, no duplicate keys, and every check of client.gate passing; for
+ * such an input client.gate's own path yields exactly this content (same key order)
+ * and ts: control-character stripping and NFC change nothing in it. Anything else
+ * (None) takes client.gate's own path, which also gives every rejection its reason.
+ */
+
+typedef struct {
+    const unsigned char *p, *end;
+} Cursor;
+
+static inline void skip_ws(Cursor *c) {
+    while (c->p < c->end && (*c->p == ' ' || *c->p == '\t' || *c->p == '\n' || *c->p == '\r'))
+        c->p++;
+}
+
+/* A JSON string at c->p, decoded into buf (cap bytes); its length, or -1 when it is
+ * outside the fast subset. */
+static Py_ssize_t parse_string(Cursor *c, char *buf, Py_ssize_t cap) {
+    if (c->p >= c->end || *c->p != '"') return -1;
+    c->p++;
+    Py_ssize_t n = 0;
+    while (c->p < c->end) {
+        unsigned char ch = *c->p++;
+        if (ch == '"') return n;
+        if (ch < 0x20 || ch >= 0x7f) return -1; /* invalid JSON, DEL, or non-ASCII */
+        if (ch == '\\') {
+            if (c->p >= c->end) return -1;
+            switch (*c->p++) {
+            case '"': ch = '"'; break;
+            case '\\': ch = '\\'; break;
+            case '/': ch = '/'; break;
+            case 'n': ch = '\n'; break;
+            case 'r': ch = '\r'; break;
+            case 't': ch = '\t'; break;
+            default: return -1;
+            }
+        }
+        if (n >= cap) return -1;
+        buf[n++] = (char)ch;
+    }
+    return -1;
+}
+
+static PyObject *ascii_str(const char *s, Py_ssize_t n) {
+    PyObject *o = PyUnicode_New(n, 127);
+    if (o) memcpy(PyUnicode_1BYTE_DATA(o), s, n);
+    return o;
+}
+
+enum { F_TEXT = 1, F_LABEL = 2, F_ID = 4, F_TAGS = 8, F_TS = 16 };
+
+/* 1: parsed into *content / *ts; 0: not the fast shape; -1: Python error */
+static int simple_record(const unsigned char *raw, Py_ssize_t len, Py_ssize_t max_text,
+                         Py_ssize_t max_tags, Py_ssize_t max_field, char *buf,
+                         PyObject **content, double *ts) {
+    Cursor c = {raw, raw + len};
+    PyObject *text = NULL, *label = NULL, *id = NULL, *tags = NULL;
+    int seen = 0, ok = 0;
+    *ts = 0.0;
+    skip_ws(&c);
+    if (c.p >= c.end || *c.p++ != '{') return 0;
+    skip_ws(&c);
+    if (c.p < c.end && *c.p == '}') goto done; /* {} has no text: the slow path says so */
+    for (;;) {
+        char key[8];
+        Py_ssize_t kn = parse_string(&c, key, sizeof key);
+        int field = 0;
+        if (kn == 4 && !memcmp(key, "text", 4)) field = F_TEXT;
+        else if (kn == 5 && !memcmp(key, "label", 5)) field = F_LABEL;
+        else if (kn == 2 && !memcmp(key, "id", 2)) field = F_ID;
+        else if (kn == 4 && !memcmp(key, "tags", 4)) field = F_TAGS;
+        else if (kn == 2 && !memcmp(key, "ts", 2)) field = F_TS;
+        if (!field || (seen & field)) goto done;
+        seen |= field;
+        skip_ws(&c);
+        if (c.p >= c.end || *c.p++ != ':') goto done;
+        skip_ws(&c);
+        if (field == F_TEXT || field == F_LABEL || field == F_ID) {
+            Py_ssize_t cap = field == F_TEXT ? max_text : max_field;
+            Py_ssize_t n = parse_string(&c, buf, cap);
+            if (n <= 0) goto done; /* empty, too long, or outside the subset */
+            if (field == F_TEXT) {
+                Py_ssize_t i = 0;
+                while (i < n && (buf[i] == ' ' || buf[i] == '\t' || buf[i] == '\n' ||
+                                 buf[i] == '\r'))
+                    i++;
+                if (i == n) goto done; /* whitespace only */
+            }
+            PyObject *o = ascii_str(buf, n);
+            if (!o) goto fail;
+            *(field == F_TEXT ? &text : field == F_LABEL ? &label : &id) = o;
+        } else if (field == F_TAGS) {
+            if (c.p >= c.end || *c.p++ != '[') goto done;
+            tags = PyList_New(0);
+            if (!tags) goto fail;
+            skip_ws(&c);
+            if (c.p < c.end && *c.p == ']') {
+                c.p++;
+            } else {
+                for (;;) {
+                    Py_ssize_t n = parse_string(&c, buf, max_field);
+                    if (n <= 0 || PyList_GET_SIZE(tags) >= max_tags) goto done;
+                    PyObject *o = ascii_str(buf, n);
+                    if (!o) goto fail;
+                    int err = PyList_Append(tags, o);
+                    Py_DECREF(o);
+                    if (err < 0) goto fail;
+                    skip_ws(&c);
+                    if (c.p < c.end && *c.p == ',') {
+                        c.p++;
+                        skip_ws(&c);
+                        continue;
+                    }
+                    if (c.p < c.end && *c.p == ']') {
+                        c.p++;
+                        break;
+                    }
+                    goto done;
+                }
+            }
+        } else { /* ts: digits, an optional fraction and exponent; no sign */
+            const unsigned char *st = c.p;
+            char num[64];
+            if (c.p >= c.end || *c.p < '0' || *c.p > '9') goto done;
+            if (*c.p == '0' && c.p + 1 < c.end && c.p[1] >= '0' && c.p[1] <= '9') goto done;
+            while (c.p < c.end && *c.p >= '0' && *c.p <= '9') c.p++;
+            if (c.p < c.end && *c.p == '.') {
+                c.p++;
+                if (c.p >= c.end || *c.p < '0' || *c.p > '9') goto done;
+                while (c.p < c.end && *c.p >= '0' && *c.p <= '9') c.p++;
+            }
+            if (c.p < c.end && (*c.p == 'e' || *c.p == 'E')) {
+                c.p++;
+                if (c.p < c.end && (*c.p == '+' || *c.p == '-')) c.p++;
+                if (c.p >= c.end || *c.p < '0' || *c.p > '9') goto done;
+                while (c.p < c.end && *c.p >= '0' && *c.p <= '9') c.p++;
+            }
+            if (c.p - st >= (Py_ssize_t)sizeof num) goto done;
+            memcpy(num, st, c.p - st);
+            num[c.p - st] = 0;
+            /* glibc strtod rounds correctly, as orjson and json do */
+            *ts = strtod(num, NULL);
+            if (!(*ts >= 0.0 && *ts < 1e11)) goto done;
+        }
+        skip_ws(&c);
+        if (c.p < c.end && *c.p == ',') {
+            c.p++;
+            skip_ws(&c);
+            continue;
+        }
+        if (c.p < c.end && *c.p == '}') {
+            c.p++;
+            break;
+        }
+        goto done;
+    }
+    skip_ws(&c);
+    if (c.p != c.end || !text) goto done;
+    *content = PyDict_New();
+    if (!*content) goto fail;
+    /* client.gate's key order: text, label, id, tags */
+    if (PyDict_SetItemString(*content, "text", text) < 0 ||
+        (label && PyDict_SetItemString(*content, "label", label) < 0) ||
+        (id && PyDict_SetItemString(*content, "id", id) < 0) ||
+        (tags && PyDict_SetItemString(*content, "tags", tags) < 0)) {
+        Py_CLEAR(*content);
+        goto fail;
+    }
+    ok = 1;
+done:
+    Py_XDECREF(text);
+    Py_XDECREF(label);
+    Py_XDECREF(id);
+    Py_XDECREF(tags);
+    return ok;
+fail:
+    ok = -1;
+    goto done;
+}
+
+static PyObject *py_simple_records(PyObject *Py_UNUSED(mod), PyObject *args) {
+    PyObject *raws;
+    Py_ssize_t max_raw, max_text, max_tags, max_field;
+    if (!PyArg_ParseTuple(args, "Onnnn", &raws, &max_raw, &max_text, &max_tags, &max_field))
+        return NULL;
+    PyObject *seq = PySequence_Fast(raws, "simple_records() takes a list");
+    if (!seq) return NULL;
+    Py_ssize_t n = PySequence_Fast_GET_SIZE(seq);
+    Py_ssize_t cap = max_text > max_field ? max_text : max_field;
+    char *buf = PyMem_Malloc(cap + 1);
+    PyObject *out = PyList_New(n);
+    if (!buf || !out) goto fail;
+    for (Py_ssize_t j = 0; j < n; j++) {
+        PyObject *raw = PySequence_Fast_GET_ITEM(seq, j), *item = Py_None, *content = NULL;
+        double ts;
+        int got = 0;
+        if (PyBytes_CheckExact(raw) && PyBytes_GET_SIZE(raw) <= max_raw) {
+            got = simple_record((const unsigned char *)PyBytes_AS_STRING(raw),
+                                PyBytes_GET_SIZE(raw), max_text, max_tags, max_field, buf,
+                                &content, &ts);
+            if (got < 0) goto fail;
+        }
+        if (got) {
+            item = Py_BuildValue("(Nd)", content, ts);
+            if (!item) goto fail;
+        } else {
+            Py_INCREF(Py_None);
+        }
+        PyList_SET_ITEM(out, j, item);
+    }
+    PyMem_Free(buf);
+    Py_DECREF(seq);
+    return out;
+fail:
+    if (!buf) PyErr_NoMemory();
+    PyMem_Free(buf);
+    Py_DECREF(seq);
+    Py_XDECREF(out);
+    return NULL;
+}
+
+/* ---- keyed hashes: HMAC-SHA256 truncated to 16 bytes, as client.store.keyed_hash -- */
+
+static const uint32_t K256[64] = {
+    0x428a2f98, 0x71374491, 0xb5c0fbcf, 0xe9b5dba5, 0x3956c25b, 0x59f111f1, 0x923f82a4,
+    0xab1c5ed5, 0xd807aa98, 0x12835b01, 0x243185be, 0x550c7dc3, 0x72be5d74, 0x80deb1fe,
+    0x9bdc06a7, 0xc19bf174, 0xe49b69c1, 0xefbe4786, 0x0fc19dc6, 0x240ca1cc, 0x2de92c6f,
+    0x4a7484aa, 0x5cb0a9dc, 0x76f988da, 0x983e5152, 0xa831c66d, 0xb00327c8, 0xbf597fc7,
+    0xc6e00bf3, 0xd5a79147, 0x06ca6351, 0x14292967, 0x27b70a85, 0x2e1b2138, 0x4d2c6dfc,
+    0x53380d13, 0x650a7354, 0x766a0abb, 0x81c2c92e, 0x92722c85, 0xa2bfe8a1, 0xa81a664b,
+    0xc24b8b70, 0xc76c51a3, 0xd192e819, 0xd6990624, 0xf40e3585, 0x106aa070, 0x19a4c116,
+    0x1e376c08, 0x2748774c, 0x34b0bcb5, 0x391c0cb3, 0x4ed8aa4a, 0x5b9cca4f, 0x682e6ff3,
+    0x748f82ee, 0x78a5636f, 0x84c87814, 0x8cc70208, 0x90befffa, 0xa4506ceb, 0xbef9a3f7,
+    0xc67178f2};
+
+static inline uint32_t ror32(uint32_t x, int r) { return (x >> r) | (x << (32 - r)); }
+
+static void sha256_block(uint32_t st[8], const unsigned char *blk) {
+    uint32_t w[64];
+    for (int i = 0; i < 16; i++)
+        w[i] = (uint32_t)blk[4 * i] << 24 | (uint32_t)blk[4 * i + 1] << 16 |
+               (uint32_t)blk[4 * i + 2] << 8 | blk[4 * i + 3];
+    for (int i = 16; i < 64; i++) {
+        uint32_t s0 = ror32(w[i - 15], 7) ^ ror32(w[i - 15], 18) ^ (w[i - 15] >> 3);
+        uint32_t s1 = ror32(w[i - 2], 17) ^ ror32(w[i - 2], 19) ^ (w[i - 2] >> 10);
+        w[i] = w[i - 16] + s0 + w[i - 7] + s1;
+    }
+    uint32_t a = st[0], b = st[1], c = st[2], d = st[3], e = st[4], f = st[5], g = st[6],
+             h = st[7];
+    for (int i = 0; i < 64; i++) {
+        uint32_t t1 = h + (ror32(e, 6) ^ ror32(e, 11) ^ ror32(e, 25)) + ((e & f) ^ (~e & g)) +
+                      K256[i] + w[i];
+        uint32_t t2 = (ror32(a, 2) ^ ror32(a, 13) ^ ror32(a, 22)) + ((a & b) ^ (a & c) ^ (b & c));
+        h = g;
+        g = f;
+        f = e;
+        e = d + t1;
+        d = c;
+        c = b;
+        b = a;
+        a = t1 + t2;
+    }
+    st[0] += a;
+    st[1] += b;
+    st[2] += c;
+    st[3] += d;
+    st[4] += e;
+    st[5] += f;
+    st[6] += g;
+    st[7] += h;
+}
+
+#if defined(__x86_64__)
+#include <cpuid.h>
+#include <immintrin.h>
+
+/* The same block function with the CPU's SHA extensions: the message schedule stays
+ * scalar, the rounds run two at a time in sha256rnds2 on (ABEF, CDGH). */
+__attribute__((target("sha,sse4.1"))) static void sha256_block_ni(uint32_t st[8],
+                                                                  const unsigned char *blk) {
+    uint32_t w[64];
+    for (int i = 0; i < 16; i++)
+        w[i] = (uint32_t)blk[4 * i] << 24 | (uint32_t)blk[4 * i + 1] << 16 |
+               (uint32_t)blk[4 * i + 2] << 8 | blk[4 * i + 3];
+    for (int i = 16; i < 64; i++) {
+        uint32_t s0 = ror32(w[i - 15], 7) ^ ror32(w[i - 15], 18) ^ (w[i - 15] >> 3);
+        uint32_t s1 = ror32(w[i - 2], 17) ^ ror32(w[i - 2], 19) ^ (w[i - 2] >> 10);
+        w[i] = w[i - 16] + s0 + w[i - 7] + s1;
+    }
+    __m128i tmp = _mm_loadu_si128((const __m128i *)&st[0]);
+    __m128i s1 = _mm_loadu_si128((const __m128i *)&st[4]);
+    tmp = _mm_shuffle_epi32(tmp, 0xB1);      /* CDAB */
+    s1 = _mm_shuffle_epi32(s1, 0x1B);        /* EFGH */
+    __m128i s0 = _mm_alignr_epi8(tmp, s1, 8); /* ABEF */
+    s1 = _mm_blend_epi16(s1, tmp, 0xF0);     /* CDGH */
+    __m128i abef = s0, cdgh = s1;
+    for (int i = 0; i < 64; i += 4) {
+        __m128i msg = _mm_add_epi32(_mm_loadu_si128((const __m128i *)&w[i]),
+                                    _mm_loadu_si128((const __m128i *)&K256[i]));
+        s1 = _mm_sha256rnds2_epu32(s1, s0, msg);
+        msg = _mm_shuffle_epi32(msg, 0x0E);
+        s0 = _mm_sha256rnds2_epu32(s0, s1, msg);
+    }
+    s0 = _mm_add_epi32(s0, abef);
+    s1 = _mm_add_epi32(s1, cdgh);
+    tmp = _mm_shuffle_epi32(s0, 0x1B);      /* FEBA */
+    s1 = _mm_shuffle_epi32(s1, 0xB1);       /* DCHG */
+    s0 = _mm_blend_epi16(tmp, s1, 0xF0);    /* DCBA */
+    s1 = _mm_alignr_epi8(s1, tmp, 8);       /* ABEF */
+    _mm_storeu_si128((__m128i *)&st[0], s0);
+    _mm_storeu_si128((__m128i *)&st[4], s1);
+}
+
+static int cpu_has_sha(void) {
+    unsigned int a, b, c, d;
+    if (!__get_cpuid_count(7, 0, &a, &b, &c, &d)) return 0;
+    return (b >> 29) & 1;
+}
+#endif
+
+static void (*sha_block)(uint32_t st[8], const unsigned char *blk) = sha256_block;
+
+typedef struct {
+    uint32_t st[8];
+    unsigned char blk[64];
+    size_t fill;
+    uint64_t total;
+} Sha256;
+
+static void sha_update(Sha256 *s, const unsigned char *p, size_t n) {
+    s->total += n;
+    while (n) {
+        size_t take = 64 - s->fill < n ? 64 - s->fill : n;
+        memcpy(s->blk + s->fill, p, take);
+        s->fill += take;
+        p += take;
+        n -= take;
+        if (s->fill == 64) {
+            sha_block(s->st, s->blk);
+            s->fill = 0;
+        }
+    }
+}
+
+static void sha_final(Sha256 *s, unsigned char out[32]) {
+    uint64_t bits = s->total * 8;
+    unsigned char pad = 0x80, zero = 0, len[8];
+    sha_update(s, &pad, 1);
+    while (s->fill != 56) sha_update(s, &zero, 1);
+    for (int i = 0; i < 8; i++) len[i] = (unsigned char)(bits >> (56 - 8 * i));
+    sha_update(s, len, 8);
+    for (int i = 0; i < 8; i++) {
+        out[4 * i] = (unsigned char)(s->st[i] >> 24);
+        out[4 * i + 1] = (unsigned char)(s->st[i] >> 16);
+        out[4 * i + 2] = (unsigned char)(s->st[i] >> 8);
+        out[4 * i + 3] = (unsigned char)s->st[i];
+    }
+}
+
+static const uint32_t SHA_IV[8] = {0x6a09e667, 0xbb67ae85, 0x3c6ef372, 0xa54ff53a,
+                                   0x510e527f, 0x9b05688c, 0x1f83d9ab, 0x5be0cd19};
+
+/* keyed_hashes(key, prefix, items) -> [HMAC-SHA256(key, prefix + item.encode())[:16]]:
+ * client.store.keyed_hash of each item, the key's pads hashed once for the batch. */
+static PyObject *py_keyed_hashes(PyObject *Py_UNUSED(mod), PyObject *args) {
+    Py_buffer key, prefix;
+    PyObject *items;
+    if (!PyArg_ParseTuple(args, "y*y*O", &key, &prefix, &items)) return NULL;
+    PyObject *seq = NULL, *out = NULL;
+    Sha256 inner0 = {{0}, {0}, 0, 0}, outer0 = {{0}, {0}, 0, 0};
+    unsigned char k[64] = {0}, pad[64];
+    if (key.len > 64) {
+        PyErr_SetString(PyExc_ValueError, "keyed_hashes(): keys longer than 64 bytes");
+        goto done;
+    }
+    memcpy(k, key.buf, key.len);
+    memcpy(inner0.st, SHA_IV, sizeof SHA_IV);
+    memcpy(outer0.st, SHA_IV, sizeof SHA_IV);
+    for (int i = 0; i < 64; i++) pad[i] = k[i] ^ 0x36;
+    sha_update(&inner0, pad, 64);
+    for (int i = 0; i < 64; i++) pad[i] = k[i] ^ 0x5c;
+    sha_update(&outer0, pad, 64);
+    seq = PySequence_Fast(items, "keyed_hashes() takes a list");
+    if (!seq) goto done;
+    Py_ssize_t n = PySequence_Fast_GET_SIZE(seq);
+    out = PyList_New(n);
+    if (!out) goto done;
+    for (Py_ssize_t j = 0; j < n; j++) {
+        Py_ssize_t len;
+        const char *data = PyUnicode_AsUTF8AndSize(PySequence_Fast_GET_ITEM(seq, j), &len);
+        if (!data) {
+            Py_CLEAR(out);
+            goto done;
+        }
+        Sha256 s = inner0;
+        unsigned char digest[32];
+        sha_update(&s, prefix.buf, prefix.len);
+        sha_update(&s, (const unsigned char *)data, len);
+        sha_final(&s, digest);
+        s = outer0;
+        sha_update(&s, digest, 32);
+        sha_final(&s, digest);
+        PyObject *b = PyBytes_FromStringAndSize((const char *)digest, 16);
+        if (!b) {
+            Py_CLEAR(out);
+            goto done;
+        }
+        PyList_SET_ITEM(out, j, b);
+    }
+done:
+    Py_XDECREF(seq);
+    PyBuffer_Release(&key);
+    PyBuffer_Release(&prefix);
+    return out;
+}
+
+static PyObject *py_sha_extensions(PyObject *Py_UNUSED(mod), PyObject *Py_UNUSED(arg)) {
+    return PyBool_FromLong(sha_block != sha256_block);
+}
+
+static PyObject *py_use_sha_extensions(PyObject *Py_UNUSED(mod), PyObject *arg) {
+    int on = PyObject_IsTrue(arg);
+    if (on < 0) return NULL;
+    sha_block = sha256_block;
+#if defined(__x86_64__)
+    if (on && cpu_has_sha()) sha_block = sha256_block_ni;
+#endif
+    return PyBool_FromLong(sha_block != sha256_block);
+}
+
+/* ---- the PII screen: which texts may hold a replacement (client.pii._SCREEN) ---
+ *
+ * pii_screen(texts) -> list of the indices of the texts that need client.pii's exact
+ * path: non-ASCII texts, texts holding NUL, and texts where any screen pattern of
+ * client.pii occurs (the same patterns, matched here by hand; each is a plain
+ * sequence of character classes, so "occurs anywhere" needs no backtracking).
+ */
+
+static inline int is_digit(unsigned char c) { return c >= '0' && c <= '9'; }
+static inline int is_upper(unsigned char c) { return c >= 'A' && c <= 'Z'; }
+static inline int is_hex(unsigned char c) {
+    return is_digit(c) || (c >= 'a' && c <= 'f') || (c >= 'A' && c <= 'F');
+}
+static inline int is_sep(unsigned char c) {
+    return c == ' ' || c == '.' || c == '(' || c == ')' || c == '-';
+}
+static inline unsigned char lower(unsigned char c) { return is_upper(c) ? c + 32 : c; }
+
+static int starts_with(const unsigned char *s, Py_ssize_t n, Py_ssize_t i, const char *lit) {
+    Py_ssize_t k = (Py_ssize_t)strlen(lit);
+    return i + k <= n && memcmp(s + i, lit, k) == 0;
+}
+
+static int starts_with_caseless(const unsigned char *s, Py_ssize_t n, Py_ssize_t i,
+                                const char *lit) {
+    Py_ssize_t k = (Py_ssize_t)strlen(lit);
+    if (i + k > n) return 0;
+    for (Py_ssize_t j = 0; j < k; j++)
+        if (lower(s[i + j]) != (unsigned char)lit[j]) return 0;
+    return 1;
+}
+
+/* [0-9](?:\.[0-9]{1,3}\.[0-9]{1,3}\.[0-9]|(?:[ .()\-]{0,3}[0-9]){8}) at i */
+static int digits_at(const unsigned char *s, Py_ssize_t n, Py_ssize_t i) {
+    if (!is_digit(s[i])) return 0;
+    Py_ssize_t j = i + 1;
+    int ok = 1;
+    for (int g = 0; g < 2 && ok; g++) { /* \.[0-9]{1,3} twice, then \.[0-9] */
+        if (j >= n || s[j] != '.') {
+            ok = 0;
+            break;
+        }
+        j++;
+        Py_ssize_t d = 0;
+        while (j < n && is_digit(s[j])) j++, d++;
+        if (d < 1 || d > 3) ok = 0;
+    }
+    if (ok && j + 1 < n && s[j] == '.' && is_digit(s[j + 1])) return 1;
+    j = i + 1;
+    for (int k = 0; k < 8; k++) {
+        int seps = 0;
+        while (j < n && is_sep(s[j]) && seps < 4) j++, seps++;
+        if (seps > 3 || j >= n || !is_digit(s[j])) return 0;
+        j++;
+    }
+    return 1;
+}
+
+/* (?:[0-9A-Fa-f]{1,4}:){7}[0-9A-Fa-f] at i */
+static int ipv6_at(const unsigned char *s, Py_ssize_t n, Py_ssize_t i) {
+    Py_ssize_t j = i;
+    for (int g = 0; g < 7; g++) {
+        Py_ssize_t h = 0;
+        while (j < n && is_hex(s[j]) && h < 5) j++, h++;
+        if (h < 1 || h > 4 || j >= n || s[j] != ':') return 0;
+        j++;
+    }
+    return j < n && is_hex(s[j]);
+}
+
+static int screen_text(const unsigned char *s, Py_ssize_t n) {
+    Py_ssize_t colons = 0;
+    for (Py_ssize_t i = 0; i < n; i++) colons += s[i] == ':';
+    for (Py_ssize_t i = 0; i < n; i++) {
+        unsigned char c = s[i];
+        if (c == 0 || c == '@') return 1;
+        if (is_digit(c) && digits_at(s, n, i)) return 1;
+        if (colons >= 7 && is_hex(c) && ipv6_at(s, n, i)) return 1;
+        if (is_upper(c) && i + 3 < n && is_upper(s[i + 1]) && is_digit(s[i + 2]) &&
+            is_digit(s[i + 3]))
+            return 1;
+        switch (lower(c)) {
+        case '-':
+            if (starts_with(s, n, i, "-----BEGIN ")) return 1;
+            break;
+        case 'a':
+            if (starts_with(s, n, i, "AKIA") || starts_with_caseless(s, n, i, "api"))
+                return 1;
+            break;
+        case 'g':
+            if (starts_with(s, n, i, "gh") && i + 3 < n && strchr("pousr", s[i + 2]) &&
+                s[i + 2] && s[i + 3] == '_')
+                return 1;
+            break;
+        case 'x':
+            if (starts_with(s, n, i, "xox") && i + 4 < n && strchr("abprs", s[i + 3]) &&
+                s[i + 3] && s[i + 4] == '-')
+                return 1;
+            break;
+        case 's':
+            if (starts_with(s, n, i, "sk-") || starts_with_caseless(s, n, i, "secret"))
+                return 1;
+            break;
+        case 'e':
+            if (starts_with(s, n, i, "eyJ")) return 1;
+            break;
+        case 'p':
+            if (starts_with_caseless(s, n, i, "pass") || starts_with_caseless(s, n, i, "pwd"))
+                return 1;
+            break;
+        case 't':
+            if (starts_with_caseless(s, n, i, "token")) return 1;
+            break;
+        }
+    }
+    return 0;
+}
+
+static PyObject *py_pii_screen(PyObject *Py_UNUSED(mod), PyObject *texts) {
+    PyObject *seq = PySequence_Fast(texts, "pii_screen() takes a list of str");
+    if (!seq) return NULL;
+    PyObject *out = PyList_New(0);
+    for (Py_ssize_t j = 0; out && j < PySequence_Fast_GET_SIZE(seq); j++) {
+        PyObject *t = PySequence_Fast_GET_ITEM(seq, j);
+        if (!PyUnicode_Check(t)) {
+            PyErr_SetString(PyExc_TypeError, "pii_screen() takes a list of str");
+            Py_CLEAR(out);
+            break;
+        }
+        if (PyUnicode_IS_ASCII(t) &&
+            !screen_text(PyUnicode_1BYTE_DATA(t), PyUnicode_GET_LENGTH(t)))
+            continue;
+        PyObject *i = PyLong_FromSsize_t(j);
+        if (!i || PyList_Append(out, i) < 0) Py_CLEAR(out);
+        Py_XDECREF(i);
+    }
+    Py_DECREF(seq);
+    return out;
+}
+
+static PyMethodDef module_methods[] = {
+    {"pii_screen", py_pii_screen, METH_O,
+     "pii_screen(texts) -> [index]: the texts that need client.pii's exact path."},
+    {"sha_extensions", py_sha_extensions, METH_NOARGS,
+     "sha_extensions() -> bool: are keyed hashes computed with the CPU's SHA extensions?"},
+    {"use_sha_extensions", py_use_sha_extensions, METH_O,
+     "use_sha_extensions(on) -> bool: switch them (tests check both paths)."},
+    {"keyed_hashes", py_keyed_hashes, METH_VARARGS,
+     "keyed_hashes(key, prefix, items) -> [HMAC-SHA256(key, prefix + item)[:16]]."},
+    {"simple_records", py_simple_records, METH_VARARGS,
+     "simple_records(raws, max_raw_bytes, max_text_bytes, max_tags, max_field_chars)"
+     " -> [(content, ts) | None]: the gate's fast path."},
+    {"token_hashes", py_token_hashes, METH_O,
+     "token_hashes(items) -> (flat uint64 hashes, uint64 row offsets)."},
+    {"rows_to_bytes", py_rows_to_bytes, METH_VARARGS,
+     "rows_to_bytes(rows, width) -> (len(rows), width) uint32 matrix as bytes."},
+    {"token_hash", py_token_hash, METH_O, "token_hash(bytes) -> rensa's u64 token hash."},
+    {NULL, NULL, 0, NULL}};
+
+static struct PyModuleDef native_module = {PyModuleDef_HEAD_INIT, "client._native",
+                                           "Native hot paths of ingestion.", -1,
+                                           module_methods, NULL, NULL, NULL, NULL};
+
+PyMODINIT_FUNC PyInit__native(void) {
+#if defined(__x86_64__)
+    if (cpu_has_sha()) sha_block = sha256_block_ni;
+#endif
+    if (PyType_Ready(&NearIndexType) < 0) return NULL;
+    PyObject *m = PyModule_Create(&native_module);
+    if (!m) return NULL;
+    Py_INCREF(&NearIndexType);
+    if (PyModule_AddObject(m, "NearIndex", (PyObject *)&NearIndexType) < 0) {
+        Py_DECREF(&NearIndexType);
+        Py_DECREF(m);
+        return NULL;
+    }
+    return m;
+}
