@@ -9,6 +9,7 @@ CAP_NET_ADMIN and iproute2 (see ``available``).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import subprocess
@@ -69,7 +70,5 @@ class Namespace:
 
     def close(self) -> None:
         for args in (("link", "del", self.outer), ("netns", "del", self.name)):
-            try:
+            with contextlib.suppress(subprocess.CalledProcessError, OSError):
                 _ip(*args)
-            except (subprocess.CalledProcessError, OSError):
-                pass
