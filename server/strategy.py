@@ -78,6 +78,7 @@ class AdapterFedAvg(FedAvg):
         self.base_config = base_config
         self.round_offset = round_offset
         self.outcome = RoundOutcome(round=round_offset)
+        self._sent: list[Message] = []
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
@@ -86,9 +87,21 @@ class AdapterFedAvg(FedAvg):
         if self.before_round is not None:
             # e.g. a simulated stream delivering this round's records to the hosts
             self.before_round(self.round_offset + server_round)
-        return super().configure_train(
-            self.round_offset + server_round, arrays, config, grid
+        self._sent = list(
+            super().configure_train(
+                self.round_offset + server_round, arrays, config, grid
+            )
         )
+        return self._sent
+
+    def failed_node(self, msg: Message) -> str:
+        """The node an error reply is about. The SuperLink answers for a node it
+        gave up on in its own name: find the node the message was sent to (the grid
+        sets the message ids of the messages it pushes)."""
+        sent = {m.metadata.message_id: m for m in self._sent}
+        ins = sent.get(msg.metadata.reply_to_message_id)
+        node = ins.metadata.dst_node_id if ins is not None else msg.metadata.src_node_id
+        return f"node-{node}"
 
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
@@ -108,7 +121,7 @@ class AdapterFedAvg(FedAvg):
             replies, is_train=True, validate=False
         )
         for msg in errors:
-            outcome.failed[f"node-{msg.metadata.src_node_id}"] = msg.error.reason or ""
+            outcome.failed[self.failed_node(msg)] = msg.error.reason or ""
 
         updates: list[HostUpdate] = []
         # Sorted by host so the fp32 sum does not depend on reply arrival order.

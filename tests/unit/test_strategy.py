@@ -183,3 +183,27 @@ def test_unknown_policy_is_a_config_error_naming_the_field():
 
     with pytest.raises(ConfigError, match=r"aggregation\.policy.*drift, fedavg"):
         make_policy(AggregationConfig(policy="fedmagic"))
+
+
+def test_each_node_the_superlink_gave_up_on_is_reported_failed():
+    """The SuperLink answers for unavailable nodes in its own name (node 1): the
+    failures are keyed by the node each message went to, not overwritten."""
+    g = _global()
+    strat = AdapterFedAvg(global_arrays=g, base_config={})
+    sent = [
+        Message(content=RecordDict(), dst_node_id=n, message_type="train")
+        for n in (11, 12, 13)
+    ]
+    for i, m in enumerate(sent):  # what the grid does when it pushes them
+        m.metadata.__dict__["_message_id"] = f"id-{i}"
+    strat._sent = sent
+    replies = [_reply(11, "h1", _delta(g, 1.0))]
+    for m in sent[1:]:
+        err = Message(Error(code=3, reason="Node Unavailable"), reply_to=m)
+        err.metadata.__dict__["_src_node_id"] = 1
+        replies.append(err)
+    strat.aggregate_train(1, replies)
+    assert strat.outcome.failed == {
+        "node-12": "Node Unavailable",
+        "node-13": "Node Unavailable",
+    }
