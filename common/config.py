@@ -199,6 +199,12 @@ class AggregationConfig(FrozenModel):
         description="drift: an update whose cosine with the others' mean is below "
         "this gets its weight damped linearly to 0 at min_cosine - 0.2.",
     )
+    max_update_norm: float | None = Field(
+        None,
+        ge=0,
+        description="Reject an update whose L2 norm is above this. Unset: the most "
+        "Adam can move the adapter in a round (server.checks; none for SGD); 0: off.",
+    )
 
     @property
     def mu(self) -> float:

@@ -21,6 +21,7 @@ from common.config import RunConfig
 from common.errors import ConfigError
 from common.models import build_adapter_model, load_base_model
 from server.checkpoint import RunFolder, now
+from server.checks import update_norm_bound
 from server.evaluation import HeldOut
 from server.policies import make_policy
 from server.report import write_report
@@ -87,6 +88,7 @@ def run_server(
         round_offset=start,
         policy=policy,
         before_round=before_round,
+        max_update_norm=update_norm_bound(cfg, sum(v.size for v in arrays.values())),
         fraction_train=fed.fraction_train,
         fraction_evaluate=fed.fraction_evaluate,
         min_train_nodes=fed.min_hosts,

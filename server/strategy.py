@@ -1,10 +1,11 @@
 """Aggregation of LoRA adapter deltas under a weighting policy.
 
 Hosts send ``local - global`` (fp16 or fp32). The server checks every reply on its own
-(names, shapes, finite values), so one bad host is rejected with its reason logged and
-the round goes on with the rest. Accepted deltas are combined in fp32 with the weights
-of the configured policy (``server.policies``: ``fedavg`` weighs by ``num-examples``)
-and added to the fp32 global adapter.
+(names, shapes, finite values, the norm bound of ``server.checks``), so one bad host
+is rejected with its reason logged and the round goes on with the rest. Accepted
+deltas are combined in fp32 with the weights of the configured policy
+(``server.policies``: ``fedavg`` weighs by ``num-examples``) and added to the fp32
+global adapter.
 
 ``round_offset`` lets a resumed run continue its numbering: Flower's ``start`` counts
 rounds from 1, the run counts from ``offset + 1``.
@@ -26,6 +27,7 @@ from flwr.serverapp.strategy import FedAvg
 
 from common.adapter import apply_delta, decode_delta, layout_id, to_record
 from common.config import AggregationConfig
+from server.checks import update_norm
 from server.policies import FedAvgPolicy, HostUpdate, Policy
 
 __all__ = ["AdapterFedAvg", "RoundOutcome"]
@@ -67,9 +69,11 @@ class AdapterFedAvg(FedAvg):
         round_offset: int = 0,
         policy: Policy | None = None,
         before_round: Callable[[int], None] | None = None,
+        max_update_norm: float | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
+        self.max_update_norm = max_update_norm  # server.checks; None: no bound
         self.policy = policy or FedAvgPolicy(AggregationConfig())
         self.before_round = before_round
         self.global_arrays = global_arrays
@@ -233,4 +237,12 @@ class AdapterFedAvg(FedAvg):
         for key, value in delta.items():
             if not np.isfinite(value).all():
                 return f"update has NaN/Inf in {key}", None, 0.0
+        bound = self.max_update_norm
+        if bound is not None and (norm := update_norm(delta)) > bound:
+            return (
+                f"update norm {norm:.4g} is above the bound {bound:.4g} "
+                "(aggregation.max_update_norm)",
+                None,
+                0.0,
+            )
         return None, delta, float(weight)

@@ -50,6 +50,7 @@ BAD_VALUES = [
     ("aggregation", "drift_boost", -1.0),
     ("aggregation", "norm_limit", 1.0),
     ("aggregation", "min_cosine", 1.5),
+    ("aggregation", "max_update_norm", -1.0),
 ]
 
 
