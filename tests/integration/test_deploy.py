@@ -213,19 +213,22 @@ def test_federation_starts_with_all_hosts_online(fed: Federation) -> None:
     info: dict[str, object] = {}
 
     def online() -> bool:
-        proc = subprocess.run(
-            [
-                script("fedstream-server"),
-                "status",
-                "--config",
-                str(fed.server_toml),
-                "--json",
-            ],
-            env=ENV,
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
+        try:
+            proc = subprocess.run(
+                [
+                    script("fedstream-server"),
+                    "status",
+                    "--config",
+                    str(fed.server_toml),
+                    "--json",
+                ],
+                env=ENV,
+                capture_output=True,
+                text=True,
+                timeout=60,
+            )
+        except subprocess.TimeoutExpired:  # a loaded machine: ask again
+            return False
         assert proc.returncode == 0, proc.stderr
         info.update(json.loads(proc.stdout))
         hosts = info.get("connected_hosts")
@@ -368,9 +371,11 @@ def test_agents_drain_on_sigterm_and_keep_their_ledger(fed: Federation) -> None:
         proc.reap()
         assert fed.agent_codes[name] == 0, proc.log.read_text()[-2000:]
         assert "drained and stopped" in proc.log.read_text()
-    for name in HOSTS:
-        info = agent_status(fed.configs[name])
+    with ThreadPoolExecutor(len(HOSTS)) as pool:
+        statuses = pool.map(agent_status, (fed.configs[h] for h in HOSTS))
+        infos = dict(zip(HOSTS, statuses, strict=True))
+    for info in infos.values():
         assert info["last_round"] == ROUNDS
         assert 0 < info["epsilon_spent"] <= 8.0  # type: ignore[operator]
     # h2 kept its ledger across kill -9 and spent more after it rejoined.
-    assert agent_status(fed.configs["h2"])["epsilon_spent"] > fed.epsilon_h2  # type: ignore[operator]
+    assert infos["h2"]["epsilon_spent"] > fed.epsilon_h2  # type: ignore[operator]
