@@ -25,6 +25,7 @@ from server.checks import update_norm_bound
 from server.evaluation import HeldOut
 from server.policies import make_policy
 from server.report import write_report
+from server.secure import SecureAdapterFedAvg
 from server.strategy import AdapterFedAvg
 
 __all__ = ["app", "run_config_from_flat", "run_server"]
@@ -82,7 +83,16 @@ def run_server(
     if hosts_dir is not None:
         base_config["hosts-dir"] = hosts_dir
     fed = cfg.federation
-    strategy = AdapterFedAvg(
+    secure: dict[str, Any] = {}
+    strategy_cls = AdapterFedAvg
+    if cfg.aggregation.secure:
+        strategy_cls = SecureAdapterFedAvg
+        secure = {
+            "shares": cfg.aggregation.secure_shares,
+            "stage_timeout": fed.round_timeout,
+        }
+    strategy = strategy_cls(
+        **secure,
         global_arrays=arrays,
         base_config=base_config,
         round_offset=start,

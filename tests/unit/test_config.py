@@ -51,6 +51,8 @@ BAD_VALUES = [
     ("aggregation", "norm_limit", 1.0),
     ("aggregation", "min_cosine", 1.5),
     ("aggregation", "max_update_norm", -1.0),
+    ("aggregation", "secure", "maybe"),
+    ("aggregation", "secure_shares", -1),
 ]
 
 
