@@ -4,9 +4,11 @@ N hosts (default 10) with real encrypted stores run the real ClientApp in-proces
 (``server.loopback``: no transport, so the time ratio is computation only: training,
 keys, shares, masks, unmasking), first a plain round (``AdapterFedAvg``), then a
 secure round (``SecureAdapterFedAvg``) on the same hosts from the same global
-adapter; repeated ``--repeats`` times, medians. The payload is what each host sends
-in a secure round (all four replies, Flower's protobuf serde) over the size of its
-adapter delta in fp32 (4 bytes per number).
+adapter; one warm-up pair, then ``--repeats`` pairs, medians. The payload is what
+each host sends in a secure round (all four replies, Flower's protobuf serde) over
+the size of its adapter delta in fp32 (4 bytes per number). ``protocol_only`` runs the
+secure exchanges alone on synthetic deltas of other sizes (SmolLM2's adapter by
+default): their time, payload and error against the exact mean.
 
 Usage: ``python bench/secagg.py [--hosts 10] [--model tiny-llama] [--repeats 3]``.
 Prints one JSON object.
@@ -24,8 +26,64 @@ import time
 from collections import OrderedDict
 from pathlib import Path
 
+import numpy as np
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+def protocol_only(hosts: int, size: int, seed: int = 0) -> dict[str, float]:
+    """The SecAgg+ exchanges alone (no training) for ``hosts`` synthetic deltas of
+    ``size`` numbers: seconds for the three secure exchanges and unmasking, and the
+    largest payload per host over the fp32 size of its delta."""
+    from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
+
+    from client.secagg import setup
+    from common.adapter import layout_id
+    from common.secagg import RECORD
+    from server.loopback import Loopback
+    from server.secure import SecureAdapterFedAvg
+
+    rng = np.random.default_rng(seed)
+    grid = Loopback({1000 + i: Path(".") for i in range(hosts)})
+    layout = layout_id({"delta": (size,)})
+    strat = SecureAdapterFedAvg(
+        global_arrays=OrderedDict(delta=np.zeros(size, np.float32)),
+        base_config={},
+        min_available_nodes=hosts,
+    )
+    strat._grid = grid
+    replies, deltas = [], []
+    for i, (nid, ctx) in enumerate(grid.contexts.items()):
+        delta = (rng.normal(size=size) * 1e-3).astype(np.float32)
+        deltas.append(delta)
+        keys = setup(ctx, delta, 1)
+        content = RecordDict(
+            {
+                "metrics": MetricRecord(
+                    {
+                        "num-examples": 64,
+                        "update-norm": float(np.linalg.norm(delta)),
+                        "base-round": 1,
+                    }
+                ),
+                "info": ConfigRecord({"host": f"host-{i}", "layout": layout}),
+                RECORD: keys,
+            }
+        )
+        incoming = Message(content=RecordDict(), dst_node_id=nid, message_type="train")
+        replies.append(Message(content=content, reply_to=incoming))
+    t0 = time.perf_counter()
+    out, _ = strat.aggregate_train(1, replies)
+    took = time.perf_counter() - t0
+    assert out is not None
+    err = float(np.abs(out["delta"].numpy() - np.mean(deltas, axis=0)).max())
+    payload = max(strat.outcome.bytes.values()) / (4 * size)
+    return {
+        "protocol_s": round(took, 3),
+        "payload_ratio": round(payload, 4),
+        "err": err,
+    }
 
 
 def main() -> None:
@@ -33,6 +91,14 @@ def main() -> None:
     ap.add_argument("--hosts", type=int, default=10)
     ap.add_argument("--model", default="tiny-llama")
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument(
+        "--protocol-params",
+        type=int,
+        nargs="*",
+        default=[92160],
+        help="also time the exchanges alone for deltas of these sizes (default: "
+        "SmolLM2-135M's default adapter, LoRA r=4 FFA on q/v)",
+    )
     args = ap.parse_args()
 
     from flwr.app import ConfigRecord
@@ -80,7 +146,7 @@ def main() -> None:
     times: dict[str, list[float]] = {"plain": [], "secure": []}
     payload: list[float] = []
     rnd = 0
-    for _ in range(args.repeats):
+    for rep in range(args.repeats + 1):  # the first pair warms up; not counted
         for mode in ("plain", "secure"):
             rnd += 1
             cfg = config(mode == "secure")
@@ -96,7 +162,8 @@ def main() -> None:
             t0 = time.perf_counter()
             msgs = strat.configure_train(1, to_record(arrays), ConfigRecord(), grid)
             out, _ = strat.aggregate_train(1, grid.send_and_receive(msgs))
-            times[mode].append(time.perf_counter() - t0)
+            if rep:
+                times[mode].append(time.perf_counter() - t0)
             assert out is not None and len(strat.outcome.hosts) == args.hosts
             if mode == "secure":
                 payload += [b / (4 * size) for b in strat.outcome.bytes.values()]
@@ -118,6 +185,9 @@ def main() -> None:
                 "payload_ratio_max": round(max(payload), 4),
                 "payload_target": 1.1,
                 "transport": "in-process (loopback): computation only",
+                "protocol_only": {
+                    str(n): protocol_only(args.hosts, n) for n in args.protocol_params
+                },
             }
         )
     )
