@@ -7,7 +7,10 @@ round, the server's wall time for the round (from one saved global adapter to th
 next, as ``metrics.jsonl`` records it) divided by the slowest host's local training
 time (``train-seconds``, measured inside the ClientApp). Target <= 1.10.
 
-    python bench/round_overhead.py --hosts 4 --rounds 3 --model tiny-llama
+    python bench/round_overhead.py --hosts 4 --rounds 3 --model tiny-llama [--secure]
+
+``--secure`` runs the same with SecAgg+ (``aggregation.secure = true``): compare its
+round wall times with a plain run's for the secure/plain round-time ratio.
 """
 
 from __future__ import annotations
@@ -35,7 +38,9 @@ from tests.integration.deploy_util import (  # noqa: E402
 )
 
 
-def run(hosts: int, rounds: int, model: str, steps: int, records: int) -> dict:
+def run(
+    hosts: int, rounds: int, model: str, steps: int, records: int, secure: bool = False
+) -> dict:
     with tempfile.TemporaryDirectory(prefix="round-overhead-") as tmp:
         root = Path(tmp)
         names = [f"h{i}" for i in range(hosts)]
@@ -53,6 +58,7 @@ def run(hosts: int, rounds: int, model: str, steps: int, records: int) -> dict:
             f'[run]\nout = "run"\n[run.model]\nname = "{model}"\n'
             f"[run.training]\nlocal_steps = {steps}\n"
             f"[run.federation]\nrounds = {rounds}\nmin_hosts = {hosts}\n"
+            f"[run.aggregation]\nsecure = {str(secure).lower()}\n"
         )
         procs = []
         try:
@@ -105,6 +111,8 @@ def run(hosts: int, rounds: int, model: str, steps: int, records: int) -> dict:
         "hosts": hosts,
         "rounds": rounds,
         "local_steps": steps,
+        "secure": secure,
+        "bytes_per_host": lines[-1]["bytes"] if lines else {},
         "per_round": per_round,
         "median_ratio": statistics.median(r["ratio"] for r in per_round),
         "target": 1.10,
@@ -119,8 +127,12 @@ def main() -> None:
     p.add_argument("--model", default="tiny-llama")
     p.add_argument("--steps", type=int, default=4, help="local DP-SGD steps")
     p.add_argument("--records", type=int, default=200, help="records per host")
+    p.add_argument(
+        "--secure", action="store_true", help="SecAgg+ (aggregation.secure = true)"
+    )
     a = p.parse_args()
-    print(json.dumps(run(a.hosts, a.rounds, a.model, a.steps, a.records), indent=1))
+    result = run(a.hosts, a.rounds, a.model, a.steps, a.records, a.secure)
+    print(json.dumps(result, indent=1))
 
 
 if __name__ == "__main__":

@@ -22,6 +22,7 @@ import torch
 from flwr.app import ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from client import secagg
 from client.host import Host, adapter_model, resolve_data_dir
 from client.trainer import train_local
 from client.window import WindowSettings, host_epsilon, select_round
@@ -31,6 +32,7 @@ from common.drift import BASELINE0, DriftState, observe, record_vectors, release
 from common.errors import DataError, FedstreamError, PrivacyError
 from common.lm import Encoded, encode_records, evaluate_loss, per_sample_loss
 from common.privacy import StreamPlan, run_plan
+from common.secagg import RECORD as SECAGG
 
 __all__ = ["app", "coarse_count", "config_from_record", "drift_signal"]
 
@@ -130,6 +132,8 @@ def _error(msg: Message, err: Exception) -> Message:
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     try:
+        if SECAGG in msg.content.config_records:
+            return secagg.handle(msg, context)
         return _train(msg, context)
     except Exception as err:
         return _error(msg, err)
@@ -216,7 +220,14 @@ def _train(msg: Message, context: Context) -> Message:
         seed=host.release_seed(sel.release),
         proximal_mu=cfg.aggregation.mu,
     )
-    delta = encode_delta(result.arrays, global_arrays, cfg.training.update_dtype)
+    secure = cfg.aggregation.secure
+    if secure:
+        flat = np.concatenate(
+            [(result.arrays[k] - global_arrays[k]).ravel() for k in global_arrays]
+        ).astype(np.float32)
+        keys = secagg.setup(context, flat, server_round)
+    else:
+        delta = encode_delta(result.arrays, global_arrays, cfg.training.update_dtype)
     metrics = MetricRecord(
         {
             "num-examples": examples_metric(sel.expected, len(data), cfg),
@@ -232,7 +243,13 @@ def _train(msg: Message, context: Context) -> Message:
     )
     layout = layout_id({k: tuple(v.shape) for k, v in global_arrays.items()})
     info = ConfigRecord({"host": host.name, "layout": layout})
-    content = RecordDict({"arrays": delta, "metrics": metrics, "info": info})
+    if secure:
+        # No array leaves: the delta waits in the node state for SecAgg+ (its norm
+        # is post-processing of the DP update: it costs no privacy).
+        metrics["update-norm"] = float(np.linalg.norm(flat.astype(np.float64)))
+        content = RecordDict({"metrics": metrics, "info": info, SECAGG: keys})
+    else:
+        content = RecordDict({"arrays": delta, "metrics": metrics, "info": info})
     return Message(content=content, reply_to=msg)
 
 

@@ -208,6 +208,23 @@ class AggregationConfig(FrozenModel):
         description="drift: an update whose cosine with the others' mean is below "
         "this gets its weight damped linearly to 0 at min_cosine - 0.2.",
     )
+    max_update_norm: float | None = Field(
+        None,
+        ge=0,
+        description="Reject an update whose L2 norm is above this. Unset: the most "
+        "Adam can move the adapter in a round (server.checks; none for SGD); 0: off.",
+    )
+    secure: bool = Field(
+        False,
+        description="SecAgg+: the server sees only the weighted sum of the updates; "
+        "weights are agreed before masking (server.secure).",
+    )
+    secure_shares: int = Field(
+        0,
+        ge=0,
+        description="SecAgg+: neighbours per host (itself included) that hold shares "
+        "of its keys; 0: every host (odd numbers; threshold: a majority).",
+    )
 
     @property
     def mu(self) -> float:

@@ -21,9 +21,11 @@ from common.config import RunConfig
 from common.errors import ConfigError
 from common.models import build_adapter_model, load_base_model
 from server.checkpoint import RunFolder, now
+from server.checks import update_norm_bound
 from server.evaluation import HeldOut
 from server.policies import make_policy
 from server.report import write_report
+from server.secure import SecureAdapterFedAvg
 from server.strategy import AdapterFedAvg
 
 __all__ = ["app", "run_config_from_flat", "run_server"]
@@ -81,12 +83,22 @@ def run_server(
     if hosts_dir is not None:
         base_config["hosts-dir"] = hosts_dir
     fed = cfg.federation
-    strategy = AdapterFedAvg(
+    secure: dict[str, Any] = {}
+    strategy_cls = AdapterFedAvg
+    if cfg.aggregation.secure:
+        strategy_cls = SecureAdapterFedAvg
+        secure = {
+            "shares": cfg.aggregation.secure_shares,
+            "stage_timeout": fed.round_timeout,
+        }
+    strategy = strategy_cls(
+        **secure,
         global_arrays=arrays,
         base_config=base_config,
         round_offset=start,
         policy=policy,
         before_round=before_round,
+        max_update_norm=update_norm_bound(cfg, sum(v.size for v in arrays.values())),
         fraction_train=fed.fraction_train,
         fraction_evaluate=fed.fraction_evaluate,
         min_train_nodes=fed.min_hosts,

@@ -23,6 +23,7 @@ import subprocess
 import sys
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
@@ -101,18 +102,27 @@ def write_flwr_home(
 
 
 def register_keys(home: Path, keys: list[Path]) -> dict[str, str]:
-    """Register SuperNode public keys; a key registered before is fine."""
-    result: dict[str, str] = {}
+    """Register SuperNode public keys; a key registered before is fine.
+
+    One ``flwr supernode register`` per key, run concurrently (each is a Python
+    start-up: with many hosts, one after the other would delay every (re)start)."""
     for key in keys:
         if not key.exists():
             raise ConfigError(f"server.authorized_keys: {key} does not exist")
-        proc = subprocess.run(
+
+    def one(key: Path) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
             [_bin("flwr"), "supernode", "register", str(key), CONNECTION],
             env=flwr_env(home),
             capture_output=True,
             text=True,
             timeout=60,
         )
+
+    with ThreadPoolExecutor(max_workers=min(8, max(1, len(keys)))) as pool:
+        procs = list(pool.map(one, keys))
+    result: dict[str, str] = {}
+    for key, proc in zip(keys, procs, strict=True):
         out = proc.stdout + proc.stderr
         if proc.returncode == 0 and "registered successfully" in out:
             result[str(key)] = "registered"

@@ -1,10 +1,11 @@
 """Aggregation of LoRA adapter deltas under a weighting policy.
 
 Hosts send ``local - global`` (fp16 or fp32). The server checks every reply on its own
-(names, shapes, finite values), so one bad host is rejected with its reason logged and
-the round goes on with the rest. Accepted deltas are combined in fp32 with the weights
-of the configured policy (``server.policies``: ``fedavg`` weighs by ``num-examples``)
-and added to the fp32 global adapter.
+(names, shapes, finite values, the norm bound of ``server.checks``), so one bad host
+is rejected with its reason logged and the round goes on with the rest. Accepted
+deltas are combined in fp32 with the weights of the configured policy
+(``server.policies``: ``fedavg`` weighs by ``num-examples``) and added to the fp32
+global adapter.
 
 ``round_offset`` lets a resumed run continue its numbering: Flower's ``start`` counts
 rounds from 1, the run counts from ``offset + 1``.
@@ -26,6 +27,7 @@ from flwr.serverapp.strategy import FedAvg
 
 from common.adapter import apply_delta, decode_delta, layout_id, to_record
 from common.config import AggregationConfig
+from server.checks import update_norm
 from server.policies import FedAvgPolicy, HostUpdate, Policy
 
 __all__ = ["AdapterFedAvg", "RoundOutcome"]
@@ -68,9 +70,11 @@ class AdapterFedAvg(FedAvg):
         round_offset: int = 0,
         policy: Policy | None = None,
         before_round: Callable[[int], None] | None = None,
+        max_update_norm: float | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
+        self.max_update_norm = max_update_norm  # server.checks; None: no bound
         self.policy = policy or FedAvgPolicy(AggregationConfig())
         self.before_round = before_round
         self.global_arrays = global_arrays
@@ -79,6 +83,7 @@ class AdapterFedAvg(FedAvg):
         self.base_config = base_config
         self.round_offset = round_offset
         self.outcome = RoundOutcome(round=round_offset)
+        self._sent: list[Message] = []
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
@@ -87,9 +92,21 @@ class AdapterFedAvg(FedAvg):
         if self.before_round is not None:
             # e.g. a simulated stream delivering this round's records to the hosts
             self.before_round(self.round_offset + server_round)
-        return super().configure_train(
-            self.round_offset + server_round, arrays, config, grid
+        self._sent = list(
+            super().configure_train(
+                self.round_offset + server_round, arrays, config, grid
+            )
         )
+        return self._sent
+
+    def failed_node(self, msg: Message) -> str:
+        """The node an error reply is about. The SuperLink answers for a node it
+        gave up on in its own name: find the node the message was sent to (the grid
+        sets the message ids of the messages it pushes)."""
+        sent = {m.metadata.message_id: m for m in self._sent}
+        ins = sent.get(msg.metadata.reply_to_message_id)
+        node = ins.metadata.dst_node_id if ins is not None else msg.metadata.src_node_id
+        return f"node-{node}"
 
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
@@ -109,7 +126,7 @@ class AdapterFedAvg(FedAvg):
             replies, is_train=True, validate=False
         )
         for msg in errors:
-            outcome.failed[f"node-{msg.metadata.src_node_id}"] = msg.error.reason or ""
+            outcome.failed[self.failed_node(msg)] = msg.error.reason or ""
 
         updates: list[HostUpdate] = []
         # Sorted by host so the fp32 sum does not depend on reply arrival order.
@@ -228,4 +245,12 @@ class AdapterFedAvg(FedAvg):
         for key, value in delta.items():
             if not np.isfinite(value).all():
                 return f"update has NaN/Inf in {key}", None, 0.0
+        bound = self.max_update_norm
+        if bound is not None and (norm := update_norm(delta)) > bound:
+            return (
+                f"update norm {norm:.4g} is above the bound {bound:.4g} "
+                "(aggregation.max_update_norm)",
+                None,
+                0.0,
+            )
         return None, delta, float(weight)

@@ -162,14 +162,43 @@ def push_stream(host: int, n: int, port: int, tmp: Path) -> str:
     return proc.stdout
 
 
-def wait_for(predicate: object, timeout: float, what: str) -> None:
+def wait_for(
+    predicate: object, timeout: float, what: str, *, poll: float = 0.5
+) -> None:
     assert callable(predicate)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if predicate():
             return
-        time.sleep(0.5)
+        time.sleep(poll)
     raise TimeoutError(f"{what} not within {timeout}s")
+
+
+def ledger_round(data_dir: Path) -> int:
+    """The last round the host's ledger committed a selection for (cheap, no key)."""
+    import sqlite3
+
+    if not (data_dir / "store.db").exists():
+        return 0
+    db = sqlite3.connect(f"file:{data_dir / 'store.db'}?mode=ro", uri=True)
+    try:
+        row = db.execute("SELECT value FROM meta WHERE key='last_round'").fetchone()
+        return 0 if row is None else int(row[0])
+    finally:
+        db.close()
+
+
+def agent_status(config: Path) -> dict[str, object]:
+    out = subprocess.run(
+        [script("fedstream-agent"), "status", "--config", str(config), "--json"],
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert out.returncode == 0, out.stderr
+    info: dict[str, object] = json.loads(out.stdout)
+    return info
 
 
 def metrics(out: Path) -> list[dict[str, object]]:

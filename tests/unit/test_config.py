@@ -52,6 +52,9 @@ BAD_VALUES = [
     ("aggregation", "min_cosine", 1.5),
     ("aggregation", "server_boost", -1.0),
     ("aggregation", "max_server_step", 0.5),
+    ("aggregation", "max_update_norm", -1.0),
+    ("aggregation", "secure", "maybe"),
+    ("aggregation", "secure_shares", -1),
 ]
 
 

@@ -231,3 +231,102 @@ def test_unknown_policy_is_a_config_error_naming_the_field():
 
     with pytest.raises(ConfigError, match=r"aggregation\.policy.*drift, fedavg"):
         make_policy(AggregationConfig(policy="fedmagic"))
+
+
+# -- norm bound (server.checks) -----------------------------------------------------
+def test_update_above_the_norm_bound_is_rejected_and_the_round_goes_on():
+    from server.checks import update_norm
+
+    g = _global()
+    size = sum(v.size for v in g.values())
+    strat = AdapterFedAvg(global_arrays=g, base_config={}, max_update_norm=1.0)
+    replies = [
+        _reply(1, "h1", _delta(g, 0.1), n=64),
+        _reply(2, "h2", _delta(g, 0.2), n=64),
+        _reply(3, "huge", _delta(g, 50.0), n=64),
+    ]
+    arrays, metrics = strat.aggregate_train(1, replies)
+    out = strat.outcome
+    assert out.hosts == ["h1", "h2"]
+    assert set(out.rejected) == {"huge"}
+    assert "norm" in out.rejected["huge"] and "max_update_norm" in out.rejected["huge"]
+    norm = update_norm({"x": np.full(size, 50.0, np.float32)})
+    assert f"{norm:.4g}" in out.rejected["huge"]
+    assert metrics["hosts"] == 2
+    for k in g:  # the mean of the two accepted deltas only
+        np.testing.assert_allclose(arrays[k].numpy(), g[k] + 0.15, rtol=1e-5)
+
+
+def test_derived_bound_holds_for_real_dp_adam_updates_and_is_not_loose_by_orders():
+    """The derived bound is above what DP-Adam training really moves, and within
+    a small factor of it (so a far larger update is rejected)."""
+    from client.trainer import train_local
+    from common.adapter import trainable_state
+    from common.config import RunConfig
+    from common.corpus import host_records
+    from common.lm import encode
+    from common.models import build_adapter_model, load_base_model
+    from server.checks import update_norm, update_norm_bound
+
+    for mu in (0.0, 1.0):
+        cfg = RunConfig.build(
+            {
+                "model": {"name": "tiny-llama", "max_length": 48},
+                "training": {"local_steps": 4, "sample_rate": 0.25},
+                "aggregation": {"proximal_mu": mu},
+                "privacy": {"noise_multiplier": 1.0},
+            }
+        )
+        base = load_base_model(cfg.model)
+        model = build_adapter_model(base, cfg.lora, seed=0)
+        data = encode(host_records(0, 64, seed=0), base.tokenizer, 48)
+        start = trainable_state(model)
+        res = train_local(
+            model,
+            data,
+            training=cfg.training,
+            privacy=cfg.privacy,
+            noise_multiplier=1.0,
+            seed=3,
+            proximal_mu=mu,
+        )
+        norm = update_norm({k: res.arrays[k] - start[k] for k in start})
+        bound = update_norm_bound(cfg, sum(v.size for v in start.values()))
+        assert bound is not None
+        assert norm < bound < 30 * norm, (norm, bound)
+
+
+def test_norm_bound_config():
+    from common.config import RunConfig
+    from server.checks import update_norm_bound
+
+    sgd = RunConfig.build({"training": {"optimizer": "sgd"}})
+    assert update_norm_bound(sgd, 100) is None
+    fixed = RunConfig.build({"aggregation": {"max_update_norm": 2.5}})
+    assert update_norm_bound(fixed, 100) == 2.5
+    off = RunConfig.build({"aggregation": {"max_update_norm": 0}})
+    assert update_norm_bound(off, 100) is None
+
+
+def test_each_node_the_superlink_gave_up_on_is_reported_failed():
+    """The SuperLink answers for unavailable nodes in its own name (node 1): the
+    failures are keyed by the node each message went to, not overwritten."""
+    g = _global()
+    strat = AdapterFedAvg(global_arrays=g, base_config={})
+    sent = [
+        Message(content=RecordDict(), dst_node_id=n, message_type="train")
+        for n in (11, 12, 13)
+    ]
+    for i, m in enumerate(sent):  # what the grid does when it pushes them
+        m.metadata.__dict__["_message_id"] = f"id-{i}"
+    strat._sent = sent
+    replies = [_reply(11, "h1", _delta(g, 1.0))]
+    for m in sent[1:]:
+        err = Message(Error(code=3, reason="Node Unavailable"), reply_to=m)
+        err.metadata.__dict__["_src_node_id"] = 1
+        replies.append(err)
+    strat.aggregate_train(1, replies)
+    assert strat.outcome.failed == {
+        "node-12": "Node Unavailable",
+        "node-13": "Node Unavailable",
+    }
