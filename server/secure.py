@@ -148,7 +148,10 @@ class SecureAdapterFedAvg(AdapterFedAvg):
                 "Round %s: secure sum unusable; adapter unchanged", outcome.round
             )
             return None, None
-        mean_flat = (total / weight_sum).astype(np.float32)
+        # The policy's server step (public, from the reported scores) applies to
+        # the weighted mean as in the plain path.
+        outcome.step = weighing.step
+        mean_flat = (weighing.step * total / weight_sum).astype(np.float32)
         mean: OrderedDict[str, np.ndarray] = OrderedDict()
         offset = 0
         for key, shape in self.shapes.items():
