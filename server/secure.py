@@ -166,18 +166,7 @@ class SecureAdapterFedAvg(AdapterFedAvg):
             self.policy.name,
             outcome.weights,
         )
-        losses = [
-            m["train-loss"]
-            for h, m in outcome.metrics.items()
-            if h in outcome.hosts and "train-loss" in m
-        ]
-        agg = MetricRecord(
-            {
-                "train-loss": float(np.mean(losses)) if losses else 0.0,
-                "hosts": len(outcome.hosts),
-            }
-        )
-        return to_record(self.global_arrays), agg
+        return to_record(self.global_arrays), self._round_metrics(outcome)
 
     def _check_secure_reply(
         self, msg: Message

@@ -204,18 +204,22 @@ class AdapterFedAvg(FedAvg):
                 acc += np.float32(w) * u.delta[key]
             mean[key] = acc
         self.global_arrays = apply_delta(self.global_arrays, mean)
+        return to_record(self.global_arrays), self._round_metrics(outcome)
+
+    @staticmethod
+    def _round_metrics(outcome: RoundOutcome) -> MetricRecord:
+        """The round's aggregate metrics: mean train loss of the hosts aggregated."""
         losses = [
             m["train-loss"]
             for h, m in outcome.metrics.items()
             if h in outcome.hosts and "train-loss" in m
         ]
-        agg = MetricRecord(
+        return MetricRecord(
             {
                 "train-loss": float(np.mean(losses)) if losses else 0.0,
                 "hosts": len(outcome.hosts),
             }
         )
-        return to_record(self.global_arrays), agg
 
     def _check_reply(
         self, msg: Message
