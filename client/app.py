@@ -225,6 +225,12 @@ def _train(msg: Message, context: Context) -> Message:
         flat = np.concatenate(
             [(result.arrays[k] - global_arrays[k]).ravel() for k in global_arrays]
         ).astype(np.float32)
+        clip = cfg.client_dp.clip_norm if cfg.client_dp.enabled else None
+        norm = float(np.linalg.norm(flat.astype(np.float64)))
+        if clip is not None and norm > clip:
+            # Client-level DP under SecAgg+: the host clips before masking, since
+            # the server never sees its update (server.client_dp).
+            flat = (flat * np.float32(clip / norm)).astype(np.float32)
         keys = secagg.setup(context, flat, server_round)
     else:
         delta = encode_delta(result.arrays, global_arrays, cfg.training.update_dtype)

@@ -20,6 +20,7 @@ from common.errors import ConfigError
 
 __all__ = [
     "AggregationConfig",
+    "ClientDPConfig",
     "DataConfig",
     "DriftConfig",
     "FederationConfig",
@@ -234,6 +235,47 @@ class AggregationConfig(FrozenModel):
         return POLICY_MU.get(self.policy, 0.0)
 
 
+class ClientDPConfig(FrozenModel):
+    """Client-level DP at the server (``server.client_dp``), on top of record-level
+    DP-SGD on every host."""
+
+    enabled: bool = Field(
+        False,
+        description="Clip each host's update to clip_norm, weigh hosts equally and "
+        "add Gaussian noise to the round's sum (DP-FedAvg).",
+    )
+    clip_norm: float | None = Field(
+        None, gt=0, description="L2 bound C on one host's update (required if on)."
+    )
+    noise_multiplier: float | None = Field(
+        None,
+        gt=0,
+        description="Noise std on the sum / C; overrides target_epsilon.",
+    )
+    target_epsilon: float | None = Field(
+        None, gt=0, description="Client-level epsilon after all planned rounds."
+    )
+    delta: float = Field(
+        1e-3, gt=0, lt=1, description="Client-level delta (well below 1 / hosts)."
+    )
+
+    @model_validator(mode="after")
+    def _complete_when_enabled(self) -> ClientDPConfig:
+        if not self.enabled:
+            return self
+        if self.clip_norm is None:
+            raise ValueError(
+                "set client_dp.clip_norm (the L2 bound on one host's update) when "
+                "client_dp.enabled = true"
+            )
+        if self.noise_multiplier is None and self.target_epsilon is None:
+            raise ValueError(
+                "set client_dp.target_epsilon or client_dp.noise_multiplier when "
+                "client_dp.enabled = true"
+            )
+        return self
+
+
 class FederationConfig(FrozenModel):
     hosts: int = Field(4, ge=1, description="Virtual hosts in simulation.")
     rounds: int = Field(3, ge=1, description="Federated rounds.")
@@ -273,6 +315,7 @@ class RunConfig(FrozenModel):
     data: DataConfig = DataConfig()
     drift: DriftConfig = DriftConfig()
     aggregation: AggregationConfig = AggregationConfig()
+    client_dp: ClientDPConfig = ClientDPConfig()
 
     # -- construction ---------------------------------------------------------------
     @classmethod

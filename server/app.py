@@ -22,6 +22,7 @@ from common.errors import ConfigError
 from common.models import build_adapter_model, load_base_model
 from server.checkpoint import RunFolder, now
 from server.checks import update_norm_bound
+from server.client_dp import ClientDP, client_dp_for
 from server.evaluation import HeldOut
 from server.policies import make_policy
 from server.report import write_report
@@ -74,6 +75,17 @@ def run_server(
 
     heldout = HeldOut.for_run(cfg, base)
     policy = make_policy(cfg.aggregation)
+    client_dp = client_dp_for(cfg)
+    if client_dp is not None:
+        log.info(
+            "Client-level DP: clip %.4g, noise multiplier %.4g, epsilon <= %.3g "
+            "(delta %g) after %d rounds; hosts weigh equally",
+            client_dp.clip_norm,
+            client_dp.noise_multiplier,
+            client_dp.epsilon(cfg.federation.rounds),
+            client_dp.delta,
+            cfg.federation.rounds,
+        )
     identity = base.identity()
     epsilon: dict[str, float] = {}
     for line in folder.read_metrics():
@@ -99,6 +111,7 @@ def run_server(
         policy=policy,
         before_round=before_round,
         max_update_norm=update_norm_bound(cfg, sum(v.size for v in arrays.values())),
+        client_dp=client_dp,
         fraction_train=fed.fraction_train,
         fraction_evaluate=fed.fraction_evaluate,
         min_train_nodes=fed.min_hosts,
@@ -142,6 +155,11 @@ def run_server(
             "wall_s": round(time.perf_counter() - clock["t"], 2),
             "time": now(),
         }
+        if client_dp is not None:
+            line["client_dp"] = {
+                **client_dp_summary(client_dp, rnd),
+                "clipped": outcome.clipped,  # host -> norm before clipping
+            }
         meta = {
             "round": rnd,
             "epsilon": line["epsilon"],
@@ -151,6 +169,8 @@ def run_server(
             "base_model": identity,
             "hosts": outcome.hosts,
         }
+        if client_dp is not None:  # the mechanism, not the per-host norms
+            meta["client_dp"] = client_dp_summary(client_dp, rnd)
         folder.save_round(rnd, model, strategy.global_arrays, meta, line)
         if on_round:
             on_round(line)
@@ -169,6 +189,17 @@ def run_server(
     )
     write_report(folder, epsilon_budget=budget)
     return folder
+
+
+def client_dp_summary(client_dp: ClientDP, rnd: int) -> dict[str, Any]:
+    """The client-level guarantee after ``rnd`` rounds (every round counted, whether
+    or not it changed the adapter), for the metrics line and ``fedstream.json``."""
+    return {
+        "epsilon": round(client_dp.epsilon(rnd), 4),
+        "delta": client_dp.delta,
+        "noise_multiplier": round(client_dp.noise_multiplier, 4),
+        "clip_norm": client_dp.clip_norm,
+    }
 
 
 def run_config_from_flat(flat: dict[str, Any]) -> tuple[RunConfig, str]:

@@ -388,4 +388,8 @@ def status(cfg: ServerConfig) -> dict[str, Any]:
             for k in ("round", "hosts", "heldout", "rejected", "failed", "wall_s")
         },
         "epsilon": (last or {}).get("epsilon", {}),
+        "client_dp": {
+            k: v for k, v in (last or {}).get("client_dp", {}).items() if k != "clipped"
+        }
+        or None,
     }

@@ -15,7 +15,11 @@ all inside ``aggregate_train``:
 The server never sees an individual delta, so it cannot check one: its checks are
 the host's own (the guard, finite values), the reported norm against the bound, and
 coordinate clipping at ``f_i x B`` inside quantisation, which bounds what any one host
-can add. The policy sees each host's reported norm as a one-number "delta": the
+can add. With client-level DP (``server.client_dp``) each host clips its own update
+to ``clip_norm`` before masking, a reported norm above it is rejected, the weights
+are ``1/hosts asked``, and the server adds the noise to the unmasked sum.
+
+The policy sees each host's reported norm as a one-number "delta": the
 drift policy's norm damping works as in the clear, its cosine damping cannot (it
 needs the individual directions) and is neutral.
 """
@@ -125,7 +129,8 @@ class SecureAdapterFedAvg(AdapterFedAvg):
             for u in updates:
                 outcome.failed[u.name] = "secure aggregation needs 2 or more hosts"
             return None, None
-        weighing = self.policy.weigh(updates)
+        asked = max(len(self._sent), len(replies), len(updates))
+        weighing = self._weigh(updates, asked=asked)
         outcome.drift = {u.name: u.drift_score for u in updates}
         outcome.drift_events = [u.name for u in updates if u.drift_event]
         outcome.damped = weighing.damped
@@ -140,6 +145,9 @@ class SecureAdapterFedAvg(AdapterFedAvg):
         total, got = result
         weight_sum = sum(weighing.weights[h] for h in got)
         outcome.hosts = sorted(got)
+        if self.client_dp is not None:
+            # Fixed denominator: the weights 1/asked are already in the sum.
+            weight_sum = 1.0
         outcome.weights = {
             h: round(weighing.weights[h] / weight_sum, 4) for h in outcome.hosts
         }
@@ -158,6 +166,7 @@ class SecureAdapterFedAvg(AdapterFedAvg):
             size = int(np.prod(shape))
             mean[key] = mean_flat[offset : offset + size].reshape(shape)
             offset += size
+        mean = self._noised(mean, asked=asked)
         self.global_arrays = apply_delta(self.global_arrays, mean)
         log.info(
             "Round %s: secure aggregate of %d hosts, policy %s, weights %s",
@@ -191,6 +200,15 @@ class SecureAdapterFedAvg(AdapterFedAvg):
             return (
                 f"update norm {norm:.4g} is above the bound {bound:.4g} "
                 "(aggregation.max_update_norm)",
+                0.0,
+                0.0,
+                none,
+            )
+        clip = self.client_dp.clip_norm if self.client_dp is not None else None
+        if clip is not None and norm > clip * (1 + 1e-6):
+            return (
+                f"update norm {norm:.4g} is above client_dp.clip_norm {clip:.4g}: "
+                "the host did not clip its update",
                 0.0,
                 0.0,
                 none,

@@ -222,7 +222,13 @@ class _Console:
             f"round {line['round']}: hosts {len(line['hosts'])}"
             f" | train loss {sum(losses) / max(len(losses), 1):.3f}"
             f" | held-out ppl {_fmt(ppl)}"
-            f" | eps max {eps:.2f} | {max(kib, default=0):.0f} KiB/host"
+            f" | eps max {eps:.2f}"
+            + (
+                f" | client eps {line['client_dp']['epsilon']:.2f}"
+                if "client_dp" in line
+                else ""
+            )
+            + f" | {max(kib, default=0):.0f} KiB/host"
             f" | {line['wall_s']:.0f}s"
             + (
                 f" | drift events {','.join(line['drift_events'])}"
@@ -272,6 +278,7 @@ def run(
     from common.models import build_adapter_model, load_base_model
     from common.privacy import run_noise_multiplier
     from server.checkpoint import RunFolder
+    from server.client_dp import client_dp_for
 
     # Fail fast, in this process, on what would otherwise fail inside every host.
     cfg, hosts_dir, ingested = prepare_hosts(cfg)
@@ -305,6 +312,7 @@ def run(
     sigma = None
     if cfg.privacy.enabled:
         sigma = run_noise_multiplier(cfg)
+    client = client_dp_for(cfg)  # an unreachable client-level target fails here
     ui = _Console(cfg, quiet)
     if not quiet:
         dp = (
@@ -314,6 +322,12 @@ def run(
             if sigma is not None
             else "no DP (privacy.enabled = false)"
         )
+        if client is not None:
+            dp += (
+                f"; client-level DP z={client.noise_multiplier:.3f} "
+                f"C={client.clip_norm} -> epsilon <= "
+                f"{client.epsilon(cfg.federation.rounds):.3g} (delta={client.delta})"
+            )
         ui.console.print(
             f"fedstream-sim: {cfg.federation.hosts} hosts x "
             f"{cfg.federation.rounds} rounds, "

@@ -5,7 +5,8 @@ Hosts send ``local - global`` (fp16 or fp32). The server checks every reply on i
 is rejected with its reason logged and the round goes on with the rest. Accepted
 deltas are combined in fp32 with the weights of the configured policy
 (``server.policies``: ``fedavg`` weighs by ``num-examples``) and added to the fp32
-global adapter.
+global adapter. With client-level DP (``server.client_dp``) every accepted delta is
+clipped, hosts weigh equally over the hosts asked, and the mean gets Gaussian noise.
 
 ``round_offset`` lets a resumed run continue its numbering: Flower's ``start`` counts
 rounds from 1, the run counts from ``offset + 1``.
@@ -28,7 +29,8 @@ from flwr.serverapp.strategy import FedAvg
 from common.adapter import apply_delta, decode_delta, layout_id, to_record
 from common.config import AggregationConfig
 from server.checks import update_norm
-from server.policies import FedAvgPolicy, HostUpdate, Policy
+from server.client_dp import ClientDP
+from server.policies import FedAvgPolicy, HostUpdate, Policy, Weighing
 
 __all__ = ["AdapterFedAvg", "RoundOutcome"]
 
@@ -50,6 +52,7 @@ class RoundOutcome:
     drift_events: list[str] = field(default_factory=list)
     damped: dict[str, str] = field(default_factory=dict)  # host -> reason
     step: float = 1.0  # server step on the weighted mean update
+    clipped: dict[str, float] = field(default_factory=dict)  # host -> norm (client DP)
 
 
 def host_name(msg: Message) -> str:
@@ -71,9 +74,13 @@ class AdapterFedAvg(FedAvg):
         policy: Policy | None = None,
         before_round: Callable[[int], None] | None = None,
         max_update_norm: float | None = None,
+        client_dp: ClientDP | None = None,
+        noise_rng: np.random.Generator | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
+        self.client_dp = client_dp
+        self.noise_rng = noise_rng  # tests only; None: the OS's CSPRNG each round
         self.max_update_norm = max_update_norm  # server.checks; None: no bound
         self.policy = policy or FedAvgPolicy(AggregationConfig())
         self.before_round = before_round
@@ -168,7 +175,9 @@ class AdapterFedAvg(FedAvg):
                 outcome.round,
             )
             return None, None
-        weighing = self.policy.weigh(updates)
+        # Hosts the round was sent to (fixed before any reply: client DP's n).
+        asked = max(len(self._sent), len(replies), len(updates))
+        weighing = self._weigh(updates, asked=asked)
         outcome.weights = {h: round(w, 4) for h, w in weighing.weights.items()}
         outcome.drift = {u.name: u.drift_score for u in updates}
         outcome.drift_events = [u.name for u in updates if u.drift_event]
@@ -203,8 +212,40 @@ class AdapterFedAvg(FedAvg):
                 )
                 acc += np.float32(w) * u.delta[key]
             mean[key] = acc
+        mean = self._noised(mean, asked=asked)
         self.global_arrays = apply_delta(self.global_arrays, mean)
         return to_record(self.global_arrays), self._round_metrics(outcome)
+
+    def _weigh(self, updates: list[HostUpdate], *, asked: int) -> Weighing:
+        """The policy's weights, or under client-level DP equal weights ``1/asked``
+        with each update clipped (``scale``) and server step 1 (``server.client_dp``).
+        """
+        if self.client_dp is None:
+            return self.policy.weigh(updates)
+        weighing = Weighing(weights={u.name: 1.0 / asked for u in updates})
+        for u in updates:
+            norm = update_norm(u.delta)
+            factor = self.client_dp.clip_factor(norm)
+            if factor < 1.0:
+                weighing.scale[u.name] = factor
+                self.outcome.clipped[u.name] = round(norm, 6)
+        if self.outcome.clipped:
+            log.info(
+                "Round %s: client-level DP clipped %s to norm %.4g",
+                self.outcome.round,
+                self.outcome.clipped,
+                self.client_dp.clip_norm,
+            )
+        return weighing
+
+    def _noised(
+        self, mean: OrderedDict[str, np.ndarray], *, asked: int
+    ) -> OrderedDict[str, np.ndarray]:
+        """``mean`` plus the client-level noise of the round (unchanged without)."""
+        if self.client_dp is None:
+            return mean
+        noise = self.client_dp.noise(self.shapes, asked, rng=self.noise_rng)
+        return OrderedDict((k, v + noise[k]) for k, v in mean.items())
 
     @staticmethod
     def _round_metrics(outcome: RoundOutcome) -> MetricRecord:

@@ -153,3 +153,61 @@ def test_other_config_in_same_folder_is_refused(full_run, tmp_path):
     shutil.copytree(full_run, out, symlinks=True)
     proc = run_cli("--model", "tiny-gpt2", "--out", str(out), "--quiet")
     assert proc.returncode == 2 and "another config" in proc.stderr
+
+
+def test_secure_aggregation_with_client_level_dp(tmp_path):
+    """SecAgg+ and client-level DP together on the Simulation Engine: every round
+    aggregates all hosts, each host clipped its update (C = 0.05, below what these
+    hosts train), the server added noise of the stated size, and the client-level
+    epsilon in metrics.jsonl and fedstream.json is Opacus's for the stated z."""
+    from peft import PeftModel
+
+    from common.models import load_base_model
+    from server.client_dp import client_dp_for
+
+    path = tmp_path / "run.toml"
+    path.write_text(
+        CONFIG.replace("hosts = 2", "hosts = 3")
+        + "[aggregation]\nsecure = true\n"
+        + "[client_dp]\nenabled = true\nclip_norm = 0.05\ntarget_epsilon = 10.0\n"
+    )
+    cfg = RunConfig.from_toml(path)
+    out = tmp_path / "run"
+    proc = run_cli("--config", str(path), "--out", str(out), "--quiet")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = _metrics(out)[1:]
+    mech = client_dp_for(cfg)
+    assert mech is not None
+    for ln in lines:
+        assert ln["hosts"] == ["host-0", "host-1", "host-2"], ln["failed"]
+        assert not ln["rejected"] and not ln["failed"]
+        assert ln["weights"] == {h: 0.3333 for h in ln["hosts"]}
+        dp = ln["client_dp"]
+        assert dp["noise_multiplier"] == round(mech.noise_multiplier, 4)
+        acc = RDPAccountant()
+        acc.history = [(mech.noise_multiplier, 1.0, ln["round"])]
+        assert dp["epsilon"] == pytest.approx(acc.get_epsilon(1e-3), abs=1e-4)
+        # SecAgg+: the masked vector, 4 bytes a number, plus keys and shares
+        assert all(b > 4 * 768 for b in ln["bytes"].values())
+    assert lines[-1]["client_dp"]["epsilon"] == pytest.approx(10.0, rel=0.01)
+
+    rounds = [
+        load_file(str(out / "global" / f"round-{r}" / "adapter_model.safetensors"))
+        for r in (1, 2)
+    ]
+    trained = [k for k in rounds[0] if "lora_B" in k]  # FFA-LoRA: A stays frozen
+    assert sum(rounds[0][k].size for k in trained) == 768
+    step = np.concatenate([(rounds[1][k] - rounds[0][k]).ravel() for k in trained])
+    noise = mech.noise_multiplier * 0.05 / 3 * np.sqrt(step.size)  # expected norm
+    # The round's change is the noise plus a clipped mean of norm <= C = 0.05.
+    assert 0.75 * noise < np.linalg.norm(step) < 1.25 * noise, (
+        np.linalg.norm(step),
+        noise,
+    )
+
+    meta = json.loads((out / "global" / "latest" / "fedstream.json").read_text())
+    assert meta["client_dp"] == {
+        k: v for k, v in lines[-1]["client_dp"].items() if k != "clipped"
+    }
+    base = load_base_model(cfg.model)
+    PeftModel.from_pretrained(base.model, str(out / "global" / "latest"))

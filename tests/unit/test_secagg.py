@@ -25,6 +25,7 @@ from common.corpus import host_records
 from common.models import build_adapter_model, load_base_model
 from common.secagg import RECORD
 from server.checks import update_norm_bound
+from server.client_dp import ClientDP, client_dp_for
 from server.loopback import Loopback
 from server.policies import make_policy
 from server.secure import SecureAdapterFedAvg
@@ -47,7 +48,7 @@ def _fill(data_dir: Path, host: int, n: int = 32) -> None:
     store.close()
 
 
-def _setup(tmp_path: Path, hosts: int, **aggregation):
+def _setup(tmp_path: Path, hosts: int, client_dp=None, **aggregation):
     cfg = RunConfig.build(
         {
             "model": {"name": "tiny-llama", "max_length": 32},
@@ -55,6 +56,7 @@ def _setup(tmp_path: Path, hosts: int, **aggregation):
             "privacy": {"noise_multiplier": 1.0},
             "aggregation": {"secure": True, "policy": "drift", **aggregation},
             "federation": {"rounds": 3},
+            "client_dp": client_dp or {},
         }
     )
     dirs = {}
@@ -71,6 +73,7 @@ def _setup(tmp_path: Path, hosts: int, **aggregation):
         policy=make_policy(cfg.aggregation),
         max_update_norm=update_norm_bound(cfg, size),
         min_available_nodes=hosts,
+        client_dp=client_dp_for(cfg),
     )
     return cfg, Loopback(dirs), strat, arrays
 
@@ -87,6 +90,7 @@ def _plain_reference(cfg, grid: Loopback, strat: SecureAdapterFedAvg, arrays):
         global_arrays=OrderedDict((k, v.copy()) for k, v in arrays.items()),
         base_config={},
         policy=make_policy(cfg.aggregation),
+        client_dp=client_dp_for(cfg),
     )
     shapes = {k: v.shape for k, v in arrays.items()}
     replies = []
@@ -200,3 +204,52 @@ def test_hosts_refuse_out_of_order_or_contradictory_requests(tmp_path):
         ask({"stage": "unmask", "active": [1], "dead": [2]})
     with pytest.raises(SecAggError, match="round"):
         ask({"stage": "share-keys", "round": 2})
+
+
+def test_client_level_dp_under_secagg_hosts_clip_and_the_server_adds_the_noise(
+    tmp_path,
+):
+    """Client-level DP with SecAgg+: each host clips its own update to C before
+    masking (C = 1e-4 is far below any real update, so every host clips), hosts
+    weigh 1/3 each, and the result equals the plain strategy's clipped equal-weight
+    mean of the same updates. Then the same with real noise: the aggregate moves by
+    noise of std z x C / 3 around it."""
+    dp = {"enabled": True, "clip_norm": 1e-4, "noise_multiplier": 1e-9}
+    cfg, grid, strat, arrays = _setup(tmp_path, hosts=3, client_dp=dp)
+    out, metrics = _secure_round(grid, strat, arrays)
+    assert out is not None and metrics["hosts"] == 3
+    size = sum(v.size for v in arrays.values())
+    _assert_never_in_clear(grid, size)
+    for nid, d in grid.deltas.items():  # what each host masked: clipped to C
+        norm = float(np.linalg.norm(d.astype(np.float64)))
+        assert norm == pytest.approx(1e-4, rel=1e-5), (nid, norm)
+    assert strat.outcome.weights == {f"host-{i}": 0.3333 for i in range(3)}
+    assert strat.outcome.step == 1.0
+    plain, ref = _plain_reference(cfg, grid, strat, arrays)
+    assert plain.outcome.weights == strat.outcome.weights
+    for k in arrays:
+        np.testing.assert_allclose(out[k].numpy(), ref[k].numpy(), rtol=0, atol=1e-9)
+        assert np.abs(ref[k].numpy() - arrays[k]).max() > 0  # clipped, not zero
+
+    # Round 2 with z = 2: the aggregate is the clipped mean of the hosts' new
+    # updates plus noise of std z x C / n.
+    strat.client_dp = ClientDP(clip_norm=1e-4, noise_multiplier=2.0, delta=1e-3)
+    strat.noise_rng = np.random.default_rng(3)
+    strat.global_arrays = OrderedDict((k, v.copy()) for k, v in arrays.items())
+    noisy, _ = _secure_round(grid, strat, arrays, rnd=2)
+    assert noisy is not None and strat.outcome.hosts == plain.outcome.hosts
+    flat = np.concatenate([(noisy[k].numpy() - arrays[k]).ravel() for k in arrays])
+    noise = flat - sum(grid.deltas.values()) / 3
+    # 768 numbers: the std estimate is within about 8% of z x C / n.
+    assert noise.std() == pytest.approx(2.0 * 1e-4 / 3, rel=0.15)
+
+
+def test_secure_reply_above_the_client_clip_is_rejected(tmp_path):
+    dp = {"enabled": True, "clip_norm": 0.5, "noise_multiplier": 1.0}
+    _, grid, strat, arrays = _setup(tmp_path, hosts=2, client_dp=dp)
+    msgs = list(strat.configure_train(1, to_record(arrays), ConfigRecord(), grid))
+    replies = grid.send_and_receive(msgs)
+    content = replies[0].content
+    content.metric_records["metrics"]["update-norm"] = 0.7
+    reason, *_ = strat._check_secure_reply(replies[0])
+    assert reason is not None and "client_dp.clip_norm" in reason
