@@ -25,7 +25,7 @@ from client.gate import Gate, GateSettings
 from client.ingest import Ingestor
 from client.sources import SOURCES
 from client.store import Store, load_key
-from client.supervisor import SupernodeSupervisor
+from client.supervisor import ProcessSupervisor, SupernodeSupervisor, worker_command
 from common.agent_config import AgentConfig
 from common.errors import ConfigError, FedstreamError
 
@@ -61,10 +61,19 @@ class Agent:
         self._stop_retention = threading.Event()
         self._retention = threading.Thread(target=self._retention_loop, daemon=True)
         self.supervisor: SupernodeSupervisor | None = None
+        self.worker: ProcessSupervisor | None = None
         if cfg.supernode is not None:
+            data_dir = Path(cfg.data_dir)
             self.supervisor = SupernodeSupervisor(
-                cfg.supernode, Path(cfg.data_dir), ready=self._has_records
+                cfg.supernode, data_dir, ready=self._has_records
             )
+            if cfg.supernode.worker:
+                self.worker = ProcessSupervisor(
+                    "worker",
+                    worker_command(data_dir),
+                    data_dir,
+                    restart_backoff_s=cfg.supernode.restart_backoff_s,
+                )
         self.sources: list[Any] = []
         for src in cfg.sources:
             factory = SOURCES[src.type]
@@ -79,6 +88,8 @@ class Agent:
             log.info("Source %s started", src.name)
         if self.cfg.store.retention_days > 0:
             self._retention.start()
+        if self.worker is not None:
+            self.worker.start()
         if self.supervisor is not None:
             self.supervisor.start()
 
@@ -92,6 +103,8 @@ class Agent:
             src.stop()  # in-flight commits finish and are acknowledged
         if self.supervisor is not None:
             self.supervisor.stop()
+        if self.worker is not None:
+            self.worker.stop()
         self._stop_retention.set()
         if self._retention.is_alive():
             self._retention.join()

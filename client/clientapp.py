@@ -2,14 +2,17 @@
 
 Flower 1.42's SuperNode starts a fresh ClientApp process for every message, and
 importing the training code (torch, transformers, PEFT, Opacus) takes seconds to tens
-of seconds on a busy host. This front imports it only for the messages that need it
-(train, evaluate: ``client.app``); the SecAgg+ exchanges after training
-(``client.secagg``) are answered without it, from the node state.
+of seconds on a busy host. This front never imports it when it can avoid it: train
+and evaluate messages go to the host's training worker (``client.worker``, kept
+running by the agent with the code imported and the model built) when one listens
+on the data dir, and run here (``client.app``) otherwise; the SecAgg+ exchanges after
+training (``client.secagg``) are answered here from the node state.
 """
 
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 from flwr.app import Context, Error, Message
 from flwr.clientapp import ClientApp
@@ -41,13 +44,29 @@ def train(msg: Message, context: Context) -> Message:
             )
             log.error("%s", reason)
             return Message(Error(code=ERROR_CODE, reason=reason), reply_to=msg)
-    from client.app import train as train_round
-
-    return train_round(msg, context)
+    return _run("train", msg, context)
 
 
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
-    from client.app import evaluate as evaluate_round
+    return _run("evaluate", msg, context)
 
-    return evaluate_round(msg, context)
+
+def _run(op: str, msg: Message, context: Context) -> Message:
+    """``op`` on the host's training worker, or here when none listens."""
+    from client.worker import WorkerUnavailable, call
+
+    data_dir = context.node_config.get("data-dir")
+    if isinstance(data_dir, str) and data_dir:
+        try:
+            return call(Path(data_dir), op, msg, context)
+        except WorkerUnavailable:
+            log.info("no training worker in %s: training in this process", data_dir)
+        except OSError as err:  # the worker died mid-answer: it sent nothing whole
+            reason = f"training worker failed: {err}"
+            log.error("%s", reason)
+            return Message(Error(code=ERROR_CODE, reason=reason), reply_to=msg)
+    from client import app as training
+
+    handler = training.train if op == "train" else training.evaluate
+    return handler(msg, context)

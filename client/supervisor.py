@@ -1,4 +1,4 @@
-"""Supervision of the data host's ``flower-supernode``.
+"""Supervision of the data host's ``flower-supernode`` and training worker.
 
 The SuperNode connects to the SuperLink with TLS and this host's authentication key,
 and hands the host's data dir to the ClientApp in ``node_config["data-dir"]``. If it
@@ -6,6 +6,9 @@ exits (crash, rejected key, SuperLink gone for longer than Flower retries), it i
 started again after a backoff that doubles up to 30 s and resets once a run of it
 lasted a minute. ``stop()`` terminates it: a reply that is not complete is never sent,
 because Flower sends a reply only once the ClientApp has returned it whole.
+
+The training worker (``client.worker``, ``supernode.worker``) is supervised the same
+way; while it is down, the ClientApp trains in its own process.
 """
 
 from __future__ import annotations
@@ -23,7 +26,12 @@ from pathlib import Path
 
 from common.agent_config import SupernodeSettings
 
-__all__ = ["SupernodeSupervisor", "supernode_command"]
+__all__ = [
+    "ProcessSupervisor",
+    "SupernodeSupervisor",
+    "supernode_command",
+    "worker_command",
+]
 
 log = logging.getLogger(__name__)
 
@@ -73,28 +81,40 @@ def supernode_command(settings: SupernodeSettings, data_dir: Path) -> list[str]:
     ]
 
 
-class SupernodeSupervisor:
-    """Runs ``flower-supernode`` in a thread of the agent and restarts it."""
+def worker_command(data_dir: Path) -> list[str]:
+    return [
+        sys.executable,
+        "-m",
+        "client.worker",
+        "--data-dir",
+        str(data_dir.resolve()),
+    ]
+
+
+class ProcessSupervisor:
+    """Runs ``command`` in a thread of the agent and restarts it when it exits."""
 
     def __init__(
         self,
-        settings: SupernodeSettings,
+        name: str,
+        command: list[str],
         data_dir: Path,
         *,
+        restart_backoff_s: float,
         ready: Callable[[], bool] | None = None,
         log_path: Path | None = None,
     ) -> None:
-        self.settings = settings
+        self.name = name
+        self.command = command
+        self.restart_backoff_s = restart_backoff_s
         self.data_dir = data_dir
         self.ready = ready or (lambda: True)
-        self.log_path = log_path or data_dir / "supernode.log"
+        self.log_path = log_path or data_dir / f"{name}.log"
         self.proc: subprocess.Popen[bytes] | None = None
         self.starts = 0
         self._stop = threading.Event()
         self._lock = threading.Lock()
-        self._thread = threading.Thread(
-            target=self._loop, name="supernode", daemon=True
-        )
+        self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
 
     def start(self) -> None:
         self._thread.start()
@@ -108,7 +128,7 @@ class SupernodeSupervisor:
         fh = self.log_path.open("ab")
         try:
             return subprocess.Popen(
-                supernode_command(self.settings, self.data_dir),
+                self.command,
                 env=env,
                 stdout=fh,
                 stderr=fh,
@@ -121,7 +141,7 @@ class SupernodeSupervisor:
         while not self.ready():
             if self._stop.wait(0.5):
                 return
-        backoff = self.settings.restart_backoff_s
+        backoff = self.restart_backoff_s
         while not self._stop.is_set():
             with self._lock:
                 if self._stop.is_set():
@@ -129,7 +149,8 @@ class SupernodeSupervisor:
                 self.proc = self._spawn()
                 self.starts += 1
             log.info(
-                "flower-supernode started (pid %d, start %d)",
+                "%s started (pid %d, start %d)",
+                self.name,
                 self.proc.pid,
                 self.starts,
             )
@@ -138,9 +159,10 @@ class SupernodeSupervisor:
             if self._stop.is_set():
                 return
             if time.monotonic() - began > STABLE_S:
-                backoff = self.settings.restart_backoff_s
+                backoff = self.restart_backoff_s
             log.warning(
-                "flower-supernode exited with %s; restarting in %.1f s (see %s)",
+                "%s exited with %s; restarting in %.1f s (see %s)",
+                self.name,
                 code,
                 backoff,
                 self.log_path,
@@ -162,3 +184,25 @@ class SupernodeSupervisor:
                 proc.wait()
         if self._thread.is_alive():
             self._thread.join(timeout=timeout)
+
+
+class SupernodeSupervisor(ProcessSupervisor):
+    """The agent's ``flower-supernode``, restarted when it exits."""
+
+    def __init__(
+        self,
+        settings: SupernodeSettings,
+        data_dir: Path,
+        *,
+        ready: Callable[[], bool] | None = None,
+        log_path: Path | None = None,
+    ) -> None:
+        super().__init__(
+            "supernode",
+            supernode_command(settings, data_dir),
+            data_dir,
+            restart_backoff_s=settings.restart_backoff_s,
+            ready=ready,
+            log_path=log_path,
+        )
+        self.settings = settings

@@ -105,6 +105,11 @@ class SupernodeSettings(FrozenModel):
     node_config: dict[str, str | int | float | bool] = Field(
         default_factory=dict, description="Extra node_config (data-dir is added)."
     )
+    worker: bool = Field(
+        True,
+        description="Keep a training worker (client.worker) running so that rounds "
+        "do not import the training code and build the model again each time.",
+    )
 
     @model_validator(mode="after")
     def _check(self) -> SupernodeSettings:

@@ -3,7 +3,9 @@
 Each message goes to fedstream's real ClientApp with that node's own ``Context``, kept
 across messages as a SuperNode keeps it, and every reply the server receives is
 recorded (``received``: (stage, reply)), so what the server held can be asserted on.
-``drop`` makes a node give no reply at one stage, as a host that goes away.
+``drop`` makes a node give no reply at one stage, as a host that goes away. ``app``
+is the ClientApp to call: the training code itself by default, or the SuperNode's
+front (``client.clientapp``), which hands train messages to a host's worker.
 No transport: round times measured over it are computation only.
 """
 
@@ -15,6 +17,7 @@ from typing import Any, NoReturn
 
 import numpy as np
 from flwr.app import Context, Message, RecordDict
+from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid
 
 from client.app import app as client_app
@@ -25,7 +28,10 @@ __all__ = ["Loopback"]
 
 
 class Loopback(Grid):
-    def __init__(self, data_dirs: dict[int, Path]) -> None:
+    def __init__(
+        self, data_dirs: dict[int, Path], *, app: ClientApp | None = None
+    ) -> None:
+        self.app = app or client_app
         self.contexts = {
             nid: Context(
                 run_id=1,
@@ -65,8 +71,8 @@ class Loopback(Grid):
             stage = str(sa["stage"]) if sa is not None else "train"
             if (stage, nid) in self.drop:
                 continue
-            state = self.contexts[nid].state
-            reply = client_app(msg, self.contexts[nid])
+            reply = self.app(msg, self.contexts[nid])
+            state = self.contexts[nid].state  # a worker's call replaces it
             if stage == "train" and DELTA in state.array_records:
                 self.deltas[nid] = state.array_records[DELTA]["delta"].numpy().copy()
             self.received.append((stage, reply))
