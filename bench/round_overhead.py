@@ -9,8 +9,11 @@ time (``train-seconds``, measured inside the ClientApp). Target <= 1.10.
 
     python bench/round_overhead.py --hosts 4 --rounds 3 --model tiny-llama [--secure]
 
-``--secure`` runs the same with SecAgg+ (``aggregation.secure = true``): compare its
-round wall times with a plain run's for the secure/plain round-time ratio.
+``--no-worker`` runs the hosts without their training worker (``supernode.worker =
+false``: every round's ClientApp process imports the training code and builds the
+model, as before the worker existed). ``--secure`` runs the same with SecAgg+
+(``aggregation.secure = true``): compare its round wall times with a plain run's for
+the secure/plain round-time ratio.
 """
 
 from __future__ import annotations
@@ -39,7 +42,13 @@ from tests.integration.deploy_util import (  # noqa: E402
 
 
 def run(
-    hosts: int, rounds: int, model: str, steps: int, records: int, secure: bool = False
+    hosts: int,
+    rounds: int,
+    model: str,
+    steps: int,
+    records: int,
+    secure: bool = False,
+    worker: bool = True,
 ) -> dict:
     with tempfile.TemporaryDirectory(prefix="round-overhead-") as tmp:
         root = Path(tmp)
@@ -64,7 +73,12 @@ def run(
         try:
             for i, name in enumerate(names):
                 cfg, _, port = write_agent(
-                    root, name, superlink=superlink, certs=certs, min_records=1
+                    root,
+                    name,
+                    superlink=superlink,
+                    certs=certs,
+                    min_records=1,
+                    supernode_extra=f"worker = {str(worker).lower()}\n",
                 )
                 procs.append(
                     start(
@@ -112,6 +126,7 @@ def run(
         "rounds": rounds,
         "local_steps": steps,
         "secure": secure,
+        "worker": worker,
         "bytes_per_host": lines[-1]["bytes"] if lines else {},
         "per_round": per_round,
         "median_ratio": statistics.median(r["ratio"] for r in per_round),
@@ -130,8 +145,13 @@ def main() -> None:
     p.add_argument(
         "--secure", action="store_true", help="SecAgg+ (aggregation.secure = true)"
     )
+    p.add_argument(
+        "--no-worker", action="store_true", help="hosts without the training worker"
+    )
     a = p.parse_args()
-    result = run(a.hosts, a.rounds, a.model, a.steps, a.records, a.secure)
+    result = run(
+        a.hosts, a.rounds, a.model, a.steps, a.records, a.secure, not a.no_worker
+    )
     print(json.dumps(result, indent=1))
 
 

@@ -2,7 +2,8 @@
 
 * ``certs --out DIR --host NAME ... [--server-name NAME ...]``: CA, SuperLink
   certificate, one SuperNode key pair per data host.
-* ``run --config server.toml [--insecure]``: SuperLink + the fedstream run, resumable.
+* ``run --config server.toml [--insecure] [--keep-serving]``: SuperLink + the fedstream
+  run, resumable; with ``--keep-serving`` the SuperLink stays up for other runs.
 * ``status --config server.toml [--json]``: rounds, connected hosts, last aggregate,
   epsilon per host.
 """
@@ -49,6 +50,12 @@ def parser() -> argparse.ArgumentParser:
         action="store_true",
         help="no TLS, no node auth: local development only",
     )
+    r.add_argument(
+        "--keep-serving",
+        action="store_true",
+        help="keep the SuperLink up after the run completes, for other runs "
+        "(flwr run .), until SIGTERM",
+    )
     s = sub.add_parser("status", help="rounds, hosts, last aggregate, epsilon")
     s.add_argument("--config", required=True)
     s.add_argument("--json", action="store_true")
@@ -80,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
         from server.launcher import launch, status
 
         if args.cmd == "run":
-            return launch(cfg, insecure=args.insecure)
+            return launch(cfg, insecure=args.insecure, keep_serving=args.keep_serving)
         info = status(cfg)
         if args.json:
             print(json.dumps(info, indent=1))

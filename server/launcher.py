@@ -9,6 +9,10 @@ complete round (``server.checkpoint.RunFolder``).
 
 The submitted run carries the whole validated run config in ``deploy.config`` and
 ``deploy.hosts = "nodes"``: deployed hosts bring their own data dirs (node_config).
+
+With ``keep_serving`` the SuperLink stays up after the run completes, until SIGTERM,
+so that more runs can be submitted to it (``flwr run . fedstream`` with
+``FLWR_HOME=<state_dir>/flwr-home``, whose connection ``fedstream`` is this one).
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import shutil
 import signal
 import socket
@@ -101,11 +106,21 @@ def write_flwr_home(
     (home / "config.toml").write_text(text)
 
 
-def register_keys(home: Path, keys: list[Path]) -> dict[str, str]:
+def host_name_of(key: Path) -> str:
+    """The host a public key belongs to: ``hosts/<name>/auth.pub`` (as
+    ``fedstream-server certs`` writes them) gives ``name``, another file its stem."""
+    return key.parent.name if key.name == "auth.pub" else key.stem
+
+
+def register_keys(
+    home: Path, keys: list[Path], names: dict[str, str] | None = None
+) -> dict[str, str]:
     """Register SuperNode public keys; a key registered before is fine.
 
     One ``flwr supernode register`` per key, run concurrently (each is a Python
-    start-up: with many hosts, one after the other would delay every (re)start)."""
+    start-up: with many hosts, one after the other would delay every (re)start).
+    ``names`` (node id -> host name) gets the node id of each newly registered key.
+    """
     for key in keys:
         if not key.exists():
             raise ConfigError(f"server.authorized_keys: {key} does not exist")
@@ -126,6 +141,9 @@ def register_keys(home: Path, keys: list[Path]) -> dict[str, str]:
         out = proc.stdout + proc.stderr
         if proc.returncode == 0 and "registered successfully" in out:
             result[str(key)] = "registered"
+            found = re.search(r"SuperNode (\d+) registered successfully", out)
+            if found and names is not None:
+                names[found.group(1)] = host_name_of(key)
         elif "already in use" in out:
             result[str(key)] = "known"
         else:
@@ -157,6 +175,7 @@ class Launcher:
     cfg: ServerConfig
     insecure: bool = False
     out: IO[str] = sys.stdout
+    keep_serving: bool = False
 
     def __post_init__(self) -> None:
         s = self.cfg.server
@@ -238,7 +257,10 @@ class Launcher:
                 "no SuperNode public keys: set server.authorized_keys or create "
                 "host keys with fedstream-server certs --host NAME"
             )
-        done = register_keys(self.home, keys)
+        path = self.state / "hosts.json"  # node id -> host name, for status
+        names = json.loads(path.read_text()) if path.exists() else {}
+        done = register_keys(self.home, keys, names)
+        path.write_text(json.dumps(names, indent=1, sort_keys=True))
         new = sum(v == "registered" for v in done.values())
         self.say(f"{len(done)} host keys authorized ({new} new)")
 
@@ -287,11 +309,25 @@ class Launcher:
             if self.flwr_run.poll() is not None:
                 if folder.last_round() >= total:
                     self.say(f"run complete: {folder.path}")
-                    return 0
+                    return self.serve(stop) if self.keep_serving else 0
                 self.say(
                     f"run ended at round {folder.last_round()}/{total}; see "
                     f"{self.state / 'run.log'}; run again to resume"
                 )
+                return 1
+        self.say("stopping")
+        return 0
+
+    def serve(self, stop: threading.Event) -> int:
+        """Keep the SuperLink up for other runs until ``stop``."""
+        assert self.superlink is not None
+        self.say(
+            f"SuperLink stays up for other runs (FLWR_HOME={self.home} flwr run . "
+            f"{CONNECTION}); SIGTERM stops it"
+        )
+        while not stop.wait(0.5):
+            if self.superlink.poll() is not None:
+                self.say(f"SuperLink exited with {self.superlink.returncode}")
                 return 1
         self.say("stopping")
         return 0
@@ -311,12 +347,14 @@ def launch(
     cfg: ServerConfig,
     *,
     insecure: bool = False,
+    keep_serving: bool = False,
     stop: threading.Event | None = None,
     out: IO[str] = sys.stdout,
 ) -> int:
-    """``fedstream-server run``: until the run completes, or SIGTERM/SIGINT."""
+    """``fedstream-server run``: until the run completes (with ``keep_serving``,
+    until SIGTERM/SIGINT), or SIGTERM/SIGINT."""
     stop = stop or threading.Event()
-    launcher = Launcher(cfg, insecure=insecure, out=out)
+    launcher = Launcher(cfg, insecure=insecure, out=out, keep_serving=keep_serving)
     if launcher.insecure:
         print(INSECURE_WARNING, file=sys.stderr, flush=True)
 
@@ -332,7 +370,7 @@ def launch(
         folder, rounds = launcher.run_cfg.out, launcher.run_cfg.federation.rounds
         if RunFolder(folder).last_round() >= rounds:
             launcher.say(f"run folder {folder} is complete; nothing to do")
-            return 0
+            return launcher.serve(stop) if keep_serving else 0
         launcher.submit()
         return launcher.wait(stop)
     finally:
@@ -362,12 +400,28 @@ def connected_hosts(cfg: ServerConfig) -> list[dict[str, Any]] | None:
 
 
 def status(cfg: ServerConfig) -> dict[str, Any]:
-    """Rounds, connected hosts, last aggregate and epsilon per host."""
+    """Rounds, connected hosts (by host name where the launcher registered their
+    keys, else by node id), last aggregate and epsilon per host."""
     run_cfg = cfg.run_config()
     folder = RunFolder(run_cfg.out)
     lines = folder.read_metrics() if folder.metrics_path.exists() else []
     last = lines[-1] if lines and lines[-1].get("round", 0) > 0 else None
     nodes = connected_hosts(cfg)
+    path = cfg.state_dir / "hosts.json"
+    names: dict[str, str] = json.loads(path.read_text()) if path.exists() else {}
+
+    def name(node: str) -> str:
+        return names.get(node.removeprefix("node-"), node)
+
+    aggregate = None
+    if last is not None:
+        aggregate = {
+            k: last.get(k)
+            for k in ("round", "hosts", "heldout", "rejected", "failed", "wall_s")
+        }
+        aggregate["failed"] = {
+            name(n): why for n, why in (last.get("failed") or {}).items()
+        }
     return {
         "run_folder": str(folder.path),
         "rounds_done": folder.last_round(),
@@ -376,17 +430,12 @@ def status(cfg: ServerConfig) -> dict[str, Any]:
             None
             if nodes is None
             else sorted(
-                str(n.get("node-id", n.get("node_id", "")))
+                name(str(n.get("node-id", n.get("node_id", ""))))
                 for n in nodes
                 if n.get("status") == "online"
             )
         ),
-        "last_aggregate": None
-        if last is None
-        else {
-            k: last.get(k)
-            for k in ("round", "hosts", "heldout", "rejected", "failed", "wall_s")
-        },
+        "last_aggregate": aggregate,
         "epsilon": (last or {}).get("epsilon", {}),
         "client_dp": {
             k: v for k, v in (last or {}).get("client_dp", {}).items() if k != "clipped"

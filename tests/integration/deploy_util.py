@@ -126,6 +126,7 @@ def write_agent(
     superlink: str,
     certs: Path,
     min_records: int,
+    supernode_extra: str = "",
 ) -> tuple[Path, Path, int]:
     """Agent config for host ``name``: (config path, data dir, ingest port)."""
     data = root / name
@@ -140,7 +141,7 @@ def write_agent(
         f'auth_key = "{certs / "hosts" / name / "auth.key"}"\n'
         f"runtime_port = {free_port()}\n"
         f"min_records = {min_records}\n"
-        f"restart_backoff_s = 0.5\n"
+        f"restart_backoff_s = 0.5\n" + supernode_extra
     )
     return cfg, data, port
 
