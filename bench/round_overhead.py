@@ -19,6 +19,7 @@ the secure/plain round-time ratio.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import statistics
 import subprocess
@@ -49,8 +50,16 @@ def run(
     records: int,
     secure: bool = False,
     worker: bool = True,
+    keep: bool = False,
 ) -> dict:
-    with tempfile.TemporaryDirectory(prefix="round-overhead-") as tmp:
+    where = (
+        contextlib.nullcontext(tempfile.mkdtemp(prefix="round-overhead-"))
+        if keep
+        else tempfile.TemporaryDirectory(prefix="round-overhead-")
+    )
+    with where as tmp:
+        if keep:
+            print(f"logs and run folder kept in {tmp}", file=sys.stderr)
         root = Path(tmp)
         names = [f"h{i}" for i in range(hosts)]
         certs = root / "certs"
@@ -116,6 +125,9 @@ def run(
                 "hosts": len(ln["hosts"]),  # type: ignore[arg-type]
                 "wall_s": ln["wall_s"],
                 "slowest_train_s": slowest,
+                # the server's own parts: waiting for the replies, held-out eval
+                "wait_s": ln.get("wait_s"),
+                "eval_s": ln.get("eval_s"),
                 "ratio": round(float(ln["wall_s"]) / slowest, 3),  # type: ignore[arg-type]
             }
         )
@@ -148,9 +160,17 @@ def main() -> None:
     p.add_argument(
         "--no-worker", action="store_true", help="hosts without the training worker"
     )
+    p.add_argument("--keep", action="store_true", help="keep the logs and run folder")
     a = p.parse_args()
     result = run(
-        a.hosts, a.rounds, a.model, a.steps, a.records, a.secure, not a.no_worker
+        a.hosts,
+        a.rounds,
+        a.model,
+        a.steps,
+        a.records,
+        a.secure,
+        worker=not a.no_worker,
+        keep=a.keep,
     )
     print(json.dumps(result, indent=1))
 

@@ -132,7 +132,9 @@ def run_server(
             return None
         outcome = strategy.outcome
         load_trainable_state(model, strategy.global_arrays)
+        t_eval = time.perf_counter()
         scores = heldout.evaluate(model)
+        eval_s = time.perf_counter() - t_eval
         for h, m in outcome.metrics.items():
             if "epsilon" in m:
                 epsilon[h] = m["epsilon"]
@@ -153,6 +155,8 @@ def run_server(
             "damped": outcome.damped,
             "server_step": round(outcome.step, 4),
             "wall_s": round(time.perf_counter() - clock["t"], 2),
+            "wait_s": round(outcome.wait_s, 2),  # train messages out -> replies in
+            "eval_s": round(eval_s, 2),  # held-out evaluation of the new adapter
             "time": now(),
         }
         if client_dp is not None:

@@ -29,6 +29,7 @@ from __future__ import annotations
 import logging
 import math
 import random
+import time
 from collections import OrderedDict
 from collections.abc import Iterable
 from typing import Any
@@ -82,6 +83,7 @@ class SecureAdapterFedAvg(AdapterFedAvg):
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         replies = list(replies)
         outcome = RoundOutcome(round=self.round_offset + server_round)
+        outcome.wait_s = time.perf_counter() - self._sent_at
         self.outcome = outcome
         valid, errors = self._check_and_log_replies(
             replies, is_train=True, validate=False

@@ -15,6 +15,7 @@ rounds from 1, the run counts from ``offset + 1``.
 from __future__ import annotations
 
 import logging
+import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -53,6 +54,7 @@ class RoundOutcome:
     damped: dict[str, str] = field(default_factory=dict)  # host -> reason
     step: float = 1.0  # server step on the weighted mean update
     clipped: dict[str, float] = field(default_factory=dict)  # host -> norm (client DP)
+    wait_s: float = 0.0  # from sending the train messages to having every reply
 
 
 def host_name(msg: Message) -> str:
@@ -91,6 +93,7 @@ class AdapterFedAvg(FedAvg):
         self.round_offset = round_offset
         self.outcome = RoundOutcome(round=round_offset)
         self._sent: list[Message] = []
+        self._sent_at = time.perf_counter()
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
@@ -104,6 +107,7 @@ class AdapterFedAvg(FedAvg):
                 self.round_offset + server_round, arrays, config, grid
             )
         )
+        self._sent_at = time.perf_counter()
         return self._sent
 
     def failed_node(self, msg: Message) -> str:
@@ -128,6 +132,7 @@ class AdapterFedAvg(FedAvg):
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         replies = list(replies)
         outcome = RoundOutcome(round=self.round_offset + server_round)
+        outcome.wait_s = time.perf_counter() - self._sent_at
         self.outcome = outcome
         valid, errors = self._check_and_log_replies(
             replies, is_train=True, validate=False

@@ -1,10 +1,12 @@
-"""Shared fixtures: offline Hugging Face, a private model cache, tiny models."""
+"""Shared fixtures: offline Hugging Face, a private model cache, tiny models, a
+filled host store, Flower's task identity."""
 
 from __future__ import annotations
 
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -42,3 +44,28 @@ def tiny_cfg():
             "privacy": {"noise_multiplier": 0.8},
         }
     )
+
+
+@pytest.fixture
+def task_identity() -> Iterator[None]:
+    """Messages need a task identity, as run_simulation sets for the ServerApp."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 1
+    yield
+
+
+def fill_store(data_dir: Path, host: int, n: int = 32) -> None:
+    """A new data dir whose encrypted store holds ``n`` built-in records of host
+    ``host``'s domain, ingested through the quality gate."""
+    import json
+
+    from client.ingest import Ingestor
+    from client.store import Store, load_key
+    from common.corpus import host_records
+
+    data_dir.mkdir(parents=True)
+    store = Store(data_dir / "store.db", load_key(data_dir / "store.key"))
+    rows = host_records(host, n, seed=0)
+    Ingestor(store).submit([(json.dumps({"text": t}).encode(), "t") for t in rows])
+    store.close()

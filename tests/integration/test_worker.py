@@ -19,37 +19,19 @@ from flwr.app import ConfigRecord, Context, RecordDict
 from flwr.common.serde import context_to_proto, message_to_proto
 
 from client.clientapp import app as front
-from client.ingest import Ingestor
-from client.store import Store, load_key
 from client.worker import SOCKET
 from common.adapter import to_record, trainable_state
 from common.config import RunConfig
-from common.corpus import host_records
 from common.models import build_adapter_model, load_base_model
 from server.loopback import Loopback
 from server.policies import make_policy
 from server.secure import SecureAdapterFedAvg
 from server.strategy import AdapterFedAvg
-from tests.conftest import ROOT
+from tests.conftest import ROOT, fill_store
+from tests.integration.agent_util import stop
 from tests.integration.deploy_util import ENV
 
-pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(autouse=True)
-def _task_identity():
-    from flwr.supercore.task_identity import TaskIdentity
-
-    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 1
-    yield
-
-
-def _fill(data_dir: Path, host: int, n: int = 32) -> None:
-    data_dir.mkdir(parents=True)
-    store = Store(data_dir / "store.db", load_key(data_dir / "store.key"))
-    rows = host_records(host, n, seed=0)
-    Ingestor(store).submit([(json.dumps({"text": t}).encode(), "t") for t in rows])
-    store.close()
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("task_identity")]
 
 
 def _listening(data_dir: Path) -> int:
@@ -74,16 +56,6 @@ def _start_worker(data_dir: Path) -> subprocess.Popen[bytes]:
         assert time.monotonic() < deadline, "worker did not start listening"
         time.sleep(0.2)
     return proc
-
-
-def _stop(proc: subprocess.Popen[bytes]) -> None:
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 def _cfg(**aggregation) -> RunConfig:
@@ -117,13 +89,13 @@ def hosts(tmp_path_factory):
     root = tmp_path_factory.mktemp("workers")
     dirs = {101 + i: root / f"host-{i}" for i in range(2)}
     for i, d in enumerate(dirs.values()):
-        _fill(d, i)
+        fill_store(d, i)
     procs = [_start_worker(d) for d in dirs.values()]
     try:
         yield dirs, procs
     finally:
         for p in procs:
-            _stop(p)
+            stop(p)
 
 
 def _answered(data_dir: Path) -> int:
@@ -208,7 +180,7 @@ def test_the_front_never_imports_torch_while_a_worker_listens(hosts, tmp_path):
     got = _front_process(tmp_path, data_dir, nid)
     assert got == {"torch": False, "error": None, "arrays": ["arrays"]}
 
-    _stop(procs[0])
+    stop(procs[0])
     try:
         got = _front_process(tmp_path, data_dir, nid)
         assert got == {"torch": True, "error": None, "arrays": ["arrays"]}

@@ -19,13 +19,7 @@ from server.strategy import AdapterFedAvg
 SHAPES = OrderedDict([("a.lora_B.weight", (200, 30)), ("b.lora_B.weight", (40, 100))])
 SIZE = 200 * 30 + 40 * 100
 
-
-@pytest.fixture(autouse=True)
-def _task_identity():
-    from flwr.supercore.task_identity import TaskIdentity
-
-    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 1
-    yield
+pytestmark = pytest.mark.usefixtures("task_identity")
 
 
 def _global():

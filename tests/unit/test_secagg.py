@@ -9,7 +9,6 @@ tests can assert on exactly what the server held.
 
 from __future__ import annotations
 
-import json
 from collections import OrderedDict
 from pathlib import Path
 
@@ -17,11 +16,8 @@ import numpy as np
 import pytest
 from flwr.app import ConfigRecord, Message, RecordDict
 
-from client.ingest import Ingestor
-from client.store import Store, load_key
 from common.adapter import encode_delta, to_record, trainable_state
 from common.config import RunConfig
-from common.corpus import host_records
 from common.models import build_adapter_model, load_base_model
 from common.secagg import RECORD
 from server.checks import update_norm_bound
@@ -30,22 +26,9 @@ from server.loopback import Loopback
 from server.policies import make_policy
 from server.secure import SecureAdapterFedAvg
 from server.strategy import AdapterFedAvg
+from tests.conftest import fill_store
 
-
-@pytest.fixture(autouse=True)
-def _task_identity():
-    from flwr.supercore.task_identity import TaskIdentity
-
-    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 1
-    yield
-
-
-def _fill(data_dir: Path, host: int, n: int = 32) -> None:
-    data_dir.mkdir(parents=True)
-    store = Store(data_dir / "store.db", load_key(data_dir / "store.key"))
-    rows = host_records(host, n, seed=0)
-    Ingestor(store).submit([(json.dumps({"text": t}).encode(), "t") for t in rows])
-    store.close()
+pytestmark = pytest.mark.usefixtures("task_identity")
 
 
 def _setup(tmp_path: Path, hosts: int, client_dp=None, **aggregation):
@@ -62,7 +45,7 @@ def _setup(tmp_path: Path, hosts: int, client_dp=None, **aggregation):
     dirs = {}
     for i in range(hosts):
         dirs[101 + i] = tmp_path / f"host-{i}"
-        _fill(dirs[101 + i], i)
+        fill_store(dirs[101 + i], i)
     base = load_base_model(cfg.model)
     arrays = trainable_state(build_adapter_model(base, cfg.lora, seed=cfg.seed))
     size = sum(v.size for v in arrays.values())
