@@ -121,6 +121,10 @@ class ProcessSupervisor:
 
     def _spawn(self) -> subprocess.Popen[bytes]:
         env = {
+            # SuperExec (started by the SuperNode) looks for a message to run every
+            # second by default; each round waits for that up to four times
+            # (train, and the three SecAgg+ exchanges).
+            "FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "0.2",
             **os.environ,
             # Hosts run with dependencies preinstalled: never uv-install per run.
             "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
