@@ -131,7 +131,7 @@ class SecureAdapterFedAvg(AdapterFedAvg):
             for u in updates:
                 outcome.failed[u.name] = "secure aggregation needs 2 or more hosts"
             return None, None
-        asked = max(len(self._sent), len(replies), len(updates))
+        asked = self._asked(replies, updates)
         weighing = self._weigh(updates, asked=asked)
         outcome.drift = {u.name: u.drift_score for u in updates}
         outcome.drift_events = [u.name for u in updates if u.drift_event]

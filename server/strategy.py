@@ -180,8 +180,7 @@ class AdapterFedAvg(FedAvg):
                 outcome.round,
             )
             return None, None
-        # Hosts the round was sent to (fixed before any reply: client DP's n).
-        asked = max(len(self._sent), len(replies), len(updates))
+        asked = self._asked(replies, updates)
         weighing = self._weigh(updates, asked=asked)
         outcome.weights = {h: round(w, 4) for h, w in weighing.weights.items()}
         outcome.drift = {u.name: u.drift_score for u in updates}
@@ -220,6 +219,10 @@ class AdapterFedAvg(FedAvg):
         mean = self._noised(mean, asked=asked)
         self.global_arrays = apply_delta(self.global_arrays, mean)
         return to_record(self.global_arrays), self._round_metrics(outcome)
+
+    def _asked(self, replies: list[Message], updates: list[HostUpdate]) -> int:
+        """Hosts the round was sent to: fixed before any reply (client DP's n)."""
+        return max(len(self._sent), len(replies), len(updates))
 
     def _weigh(self, updates: list[HostUpdate], *, asked: int) -> Weighing:
         """The policy's weights, or under client-level DP equal weights ``1/asked``

@@ -367,20 +367,24 @@ def test_flwr_run_dot_against_the_launchers_superlink(
 ) -> None:
     """``flwr run .`` with the launcher's Flower home: a second run on the same
     SuperLink and the same hosts (their data dirs from their node config)."""
+    from common.config import RunConfig
     from tests.conftest import ROOT
 
     server = fed.servers[-1]
     out = fed.root / "flwr-run"
     cfg = tmp_path / "run-config.toml"
-    overrides = {
-        "deploy.hosts": "nodes",
-        "out": str(out),
-        "model.name": "tiny-llama",
-        "training.local-steps": 2,
-        "privacy.noise-multiplier": 1.0,
-        "federation.rounds": 1,
-        "federation.min-hosts": len(HOSTS),
-    }
+    # Keys that [tool.flwr.app.config] lacks (Flower refuses unknown override keys)
+    # travel in deploy.config, a whole run config as TOML text.
+    run = RunConfig.build(
+        {
+            "out": str(out),
+            "model": {"name": "tiny-llama"},
+            "training": {"local_steps": 2},
+            "privacy": {"noise_multiplier": 1.0},
+            "federation": {"rounds": 1, "min_hosts": len(HOSTS)},
+        }
+    )
+    overrides = {"deploy.hosts": "nodes", "deploy.config": run.to_toml()}
     cfg.write_text(tomli_w.dumps(overrides))
     env = {**ENV, "FLWR_HOME": str(fed.state / "flwr-home")}
     proc = subprocess.run(

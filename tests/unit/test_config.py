@@ -55,6 +55,11 @@ BAD_VALUES = [
     ("aggregation", "max_update_norm", -1.0),
     ("aggregation", "secure", "maybe"),
     ("aggregation", "secure_shares", -1),
+    ("client_dp", "enabled", "maybe"),
+    ("client_dp", "clip_norm", -1.0),
+    ("client_dp", "noise_multiplier", 0.0),
+    ("client_dp", "target_epsilon", -1.0),
+    ("client_dp", "delta", 2.0),
 ]
 
 
