@@ -71,7 +71,7 @@ def test_run_folder_is_usable(full_run, config_file):
         assert ln["wall_s"] > 0 and not ln["rejected"] and not ln["failed"]
         # The round's parts the server times: waiting for replies, evaluation.
         assert 0 < ln["wait_s"] < ln["wall_s"] and 0 < ln["eval_s"] < ln["wall_s"]
-        assert ln["wait_s"] + ln["eval_s"] <= ln["wall_s"]
+        assert ln["wait_s"] + ln["eval_s"] <= ln["wall_s"] + 0.02  # 2 decimals each
 
     # Held-out loss goes down versus the base model (round 0).
     def mean_loss(ln):
