@@ -159,9 +159,10 @@ def run_server(
             "eval_s": round(eval_s, 2),  # held-out evaluation of the new adapter
             "time": now(),
         }
-        if client_dp is not None:
+        summary = client_dp_summary(client_dp, rnd) if client_dp is not None else None
+        if summary is not None:
             line["client_dp"] = {
-                **client_dp_summary(client_dp, rnd),
+                **summary,
                 "clipped": outcome.clipped,  # host -> norm before clipping
             }
         meta = {
@@ -173,8 +174,8 @@ def run_server(
             "base_model": identity,
             "hosts": outcome.hosts,
         }
-        if client_dp is not None:  # the mechanism, not the per-host norms
-            meta["client_dp"] = client_dp_summary(client_dp, rnd)
+        if summary is not None:  # the mechanism, not the per-host norms
+            meta["client_dp"] = summary
         folder.save_round(rnd, model, strategy.global_arrays, meta, line)
         if on_round:
             on_round(line)
