@@ -11,7 +11,13 @@ time (``train-seconds``, measured inside the ClientApp). Target <= 1.10.
 
 ``--no-worker`` runs the hosts without their training worker (``supernode.worker =
 false``: every round's ClientApp process imports the training code and builds the
-model, as before the worker existed). ``--secure`` runs the same with SecAgg+
+model, as before the worker existed). ``--stock`` runs with Flower's own polling
+(the SuperNode asks for messages every 3 s, the server for replies every 3 s), a
+fresh ``flwr-clientapp`` process started per message (``supernode.warm_clientapp =
+false``) and the held-out evaluation on the round's path (``federation.overlap_eval
+= false``), for a side-by-side comparison with the defaults (0.5 s, 0.2 s, forked
+ClientApp processes, evaluation while the next round trains; ``wall_s`` is then the
+time from one aggregate to the next). ``--secure`` runs the same with SecAgg+
 (``aggregation.secure = true``): compare its round wall times with a plain run's for
 the secure/plain round-time ratio.
 """
@@ -51,6 +57,7 @@ def run(
     secure: bool = False,
     worker: bool = True,
     keep: bool = False,
+    stock: bool = False,
 ) -> dict:
     where = (
         contextlib.nullcontext(tempfile.mkdtemp(prefix="round-overhead-"))
@@ -76,7 +83,8 @@ def run(
             f'[run]\nout = "run"\n[run.model]\nname = "{model}"\n'
             f"[run.training]\nlocal_steps = {steps}\n"
             f"[run.federation]\nrounds = {rounds}\nmin_hosts = {hosts}\n"
-            f"[run.aggregation]\nsecure = {str(secure).lower()}\n"
+            + ("poll_interval = 3.0\noverlap_eval = false\n" if stock else "")
+            + f"[run.aggregation]\nsecure = {str(secure).lower()}\n"
         )
         procs = []
         try:
@@ -87,7 +95,10 @@ def run(
                     superlink=superlink,
                     certs=certs,
                     min_records=1,
-                    supernode_extra=f"worker = {str(worker).lower()}\n",
+                    supernode_extra=f"worker = {str(worker).lower()}\n"
+                    + (
+                        "poll_interval = 3.0\nwarm_clientapp = false\n" if stock else ""
+                    ),
                 )
                 procs.append(
                     start(
@@ -139,6 +150,7 @@ def run(
         "local_steps": steps,
         "secure": secure,
         "worker": worker,
+        "stock": stock,
         "bytes_per_host": lines[-1]["bytes"] if lines else {},
         "per_round": per_round,
         "median_ratio": statistics.median(r["ratio"] for r in per_round),
@@ -160,6 +172,13 @@ def main() -> None:
     p.add_argument(
         "--no-worker", action="store_true", help="hosts without the training worker"
     )
+    p.add_argument(
+        "--stock",
+        action="store_true",
+        help="Flower's own polls (SuperNode 3 s, server 3 s), a fresh "
+        "flwr-clientapp process per message, and the held-out evaluation on the "
+        "round's path, as before they were changed",
+    )
     p.add_argument("--keep", action="store_true", help="keep the logs and run folder")
     a = p.parse_args()
     result = run(
@@ -171,6 +190,7 @@ def main() -> None:
         a.secure,
         worker=not a.no_worker,
         keep=a.keep,
+        stock=a.stock,
     )
     print(json.dumps(result, indent=1))
 

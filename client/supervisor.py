@@ -1,5 +1,8 @@
 """Supervision of the data host's ``flower-supernode`` and training worker.
 
+The SuperNode is Flower's, started through ``client.supernode`` so that its idle poll
+is ``supernode.poll_interval`` instead of 3 s.
+
 The SuperNode connects to the SuperLink with TLS and this host's authentication key,
 and hands the host's data dir to the ClientApp in ``node_config["data-dir"]``. If it
 exits (crash, rejected key, SuperLink gone for longer than Flower retries), it is
@@ -16,7 +19,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
 import subprocess
 import sys
 import threading
@@ -39,11 +41,6 @@ MAX_BACKOFF_S = 30.0
 STABLE_S = 60.0
 
 
-def _bin(name: str) -> str:
-    local = Path(sys.executable).with_name(name)
-    return str(local) if local.exists() else (shutil.which(name) or name)
-
-
 def _node_config(values: dict[str, str | int | float | bool]) -> str:
     """Flower's ``--node-config`` syntax: space-separated TOML ``key=value`` pairs."""
     parts = []
@@ -61,7 +58,12 @@ def _node_config(values: dict[str, str | int | float | bool]) -> str:
 def supernode_command(settings: SupernodeSettings, data_dir: Path) -> list[str]:
     node_config = {**settings.node_config, "data-dir": str(data_dir.resolve())}
     cmd = [
-        _bin("flower-supernode"),
+        sys.executable,
+        "-m",
+        "client.supernode",  # Flower's flower-supernode, with its sleeps capped
+        "--poll-interval",
+        repr(settings.poll_interval),
+        *(["--warm-clientapp"] if settings.warm_clientapp else []),
         "--superlink",
         settings.superlink,
         "--node-config",

@@ -36,6 +36,7 @@ import signal
 import socket
 import struct
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -133,13 +134,16 @@ def _answer(conn: socket.socket) -> None:
     handler = {OPS["train"]: app.train, OPS["evaluate"]: app.evaluate}.get(op)
     if handler is None:
         raise ValueError(f"unknown worker op {op!r}")
+    t0 = time.perf_counter()
     reply = handler(msg, context)
+    took = time.perf_counter() - t0
     _send(conn, *_encode(reply, context))
     log.info(
-        "answered %s message %s (%s)",
+        "answered %s message %s (%s) in %.2f s",
         msg.metadata.message_type,
         msg.metadata.message_id,
         "error" if reply.has_error() else "reply",
+        took,
     )
 
 

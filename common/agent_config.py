@@ -105,6 +105,19 @@ class SupernodeSettings(FrozenModel):
     node_config: dict[str, str | int | float | bool] = Field(
         default_factory=dict, description="Extra node_config (data-dir is added)."
     )
+    poll_interval: float = Field(
+        0.5,
+        gt=0,
+        le=3,
+        description="Seconds the SuperNode waits between asking the SuperLink for a "
+        "message while idle, and between looks for the ClientApp's reply "
+        "(Flower's own: 3 and 0.5).",
+    )
+    warm_clientapp: bool = Field(
+        True,
+        description="Start each message's flwr-clientapp process ahead of time, so "
+        "that it has imported Flower when its message arrives (client.superexec).",
+    )
     worker: bool = Field(
         True,
         description="Keep a training worker (client.worker) running so that rounds "

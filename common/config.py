@@ -276,6 +276,9 @@ class ClientDPConfig(FrozenModel):
         return self
 
 
+OPERATIONAL = ("poll_interval", "overlap_eval")  # federation keys not fingerprinted
+
+
 class FederationConfig(FrozenModel):
     hosts: int = Field(4, ge=1, description="Virtual hosts in simulation.")
     rounds: int = Field(3, ge=1, description="Federated rounds.")
@@ -285,6 +288,17 @@ class FederationConfig(FrozenModel):
         0.0, ge=0, le=1, description="Hosts asked for local evaluation (not DP)."
     )
     round_timeout: float = Field(3600.0, gt=0, description="Seconds to wait a round.")
+    poll_interval: float = Field(
+        0.2,
+        gt=0,
+        le=60,
+        description="Seconds between the server's polls for replies (deployment).",
+    )
+    overlap_eval: bool | None = Field(
+        None,
+        description="Evaluate round N's held-out sets while round N+1 trains; "
+        "default: on with deployed hosts, off in simulation.",
+    )
 
 
 class DataConfig(FrozenModel):
@@ -359,6 +373,8 @@ class RunConfig(FrozenModel):
         """Hash of everything that shapes the trained adapter (not where it goes)."""
         data = self.to_dict()
         data.pop("out", None)
+        for key in OPERATIONAL:  # how the server runs, not what it trains
+            data["federation"].pop(key, None)
         blob = json.dumps(data, sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
 

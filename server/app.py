@@ -7,12 +7,15 @@
 from __future__ import annotations
 
 import logging
+import threading
 import time
 import tomllib
+from collections import OrderedDict
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from flwr.app import ArrayRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 
@@ -24,6 +27,7 @@ from server.checkpoint import RunFolder, now
 from server.checks import update_norm_bound
 from server.client_dp import ClientDP, client_dp_for
 from server.evaluation import HeldOut
+from server.grid import fast_polling
 from server.policies import make_policy
 from server.report import write_report
 from server.secure import SecureAdapterFedAvg
@@ -44,11 +48,14 @@ def run_server(
     on_round: RoundCallback | None = None,
     stop_after: int | None = None,
     before_round: Callable[[int], None] | None = None,
+    overlap_default: bool = False,
 ) -> RunFolder:
     """Run (or resume) the federation described by ``cfg`` on ``grid``.
 
     ``stop_after`` ends this invocation after that round, as an interruption would;
     running again with the same run folder resumes after the last complete round.
+    ``overlap_default`` is ``federation.overlap_eval`` when the config leaves it
+    unset (``main`` sets it for deployed hosts).
     """
     folder = RunFolder(cfg.out)
     folder.bind(cfg)
@@ -119,6 +126,10 @@ def run_server(
         min_available_nodes=fed.min_hosts,
     )
     clock = {"t": time.perf_counter()}
+    overlap = cfg.federation.overlap_eval
+    if overlap is None:
+        overlap = overlap_default
+    evaluator = _RoundPublisher(folder, model, heldout, on_round, background=overlap)
 
     def evaluate_fn(server_round: int, _arrays: ArrayRecord) -> MetricRecord | None:
         rnd = start + server_round
@@ -131,10 +142,6 @@ def run_server(
             clock["t"] = time.perf_counter()
             return None
         outcome = strategy.outcome
-        load_trainable_state(model, strategy.global_arrays)
-        t_eval = time.perf_counter()
-        scores = heldout.evaluate(model)
-        eval_s = time.perf_counter() - t_eval
         for h, m in outcome.metrics.items():
             if "epsilon" in m:
                 epsilon[h] = m["epsilon"]
@@ -143,7 +150,7 @@ def run_server(
             "hosts": outcome.hosts,
             "train_loss": {h: m.get("train-loss") for h, m in outcome.metrics.items()},
             "train_s": {h: m.get("train-seconds") for h, m in outcome.metrics.items()},
-            "heldout": scores,
+            "heldout": None,  # filled in by the evaluation
             "epsilon": dict(sorted(epsilon.items())),
             "bytes": outcome.bytes,
             "rejected": outcome.rejected,
@@ -154,10 +161,10 @@ def run_server(
             "drift_events": outcome.drift_events,
             "damped": outcome.damped,
             "server_step": round(outcome.step, 4),
-            "wall_s": round(time.perf_counter() - clock["t"], 2),
+            "wall_s": None,  # below
             "wait_s": round(outcome.wait_s, 2),  # train messages out -> replies in
-            "eval_s": round(eval_s, 2),  # held-out evaluation of the new adapter
-            "time": now(),
+            "eval_s": None,  # held-out evaluation of the new adapter
+            "time": None,
         }
         summary = client_dp_summary(client_dp, rnd) if client_dp is not None else None
         if summary is not None:
@@ -176,9 +183,17 @@ def run_server(
         }
         if summary is not None:  # the mechanism, not the per-host norms
             meta["client_dp"] = summary
-        folder.save_round(rnd, model, strategy.global_arrays, meta, line)
-        if on_round:
-            on_round(line)
+        arrays_now = OrderedDict(
+            (k, v.copy()) for k, v in strategy.global_arrays.items()
+        )
+        if overlap:
+            # The round's period: from the previous aggregate to this one (the
+            # previous round's evaluation ran meanwhile, off this path).
+            line["wall_s"] = round(time.perf_counter() - clock["t"], 2)
+            clock["t"] = time.perf_counter()
+            evaluator.publish(rnd, arrays_now, meta, line)
+            return None
+        scores = evaluator.publish(rnd, arrays_now, meta, line, wall_from=clock["t"])
         clock["t"] = time.perf_counter()
         flat: dict[str, int | float | list[int] | list[float]] = {
             f"{d}-ppl": v["ppl"] for d, v in scores.items()
@@ -192,8 +207,94 @@ def run_server(
         timeout=fed.round_timeout,
         evaluate_fn=evaluate_fn,
     )
+    evaluator.join()
     write_report(folder, epsilon_budget=budget)
     return folder
+
+
+class _RoundPublisher:
+    """Evaluates a round's adapter on the held-out sets, then publishes the round
+    (``RunFolder.save_round``: adapter, fedstream.json, metrics line).
+
+    With ``background`` the work runs in a thread while the next round trains: the
+    next ``publish`` (or ``join``) waits for it first, so rounds are published in
+    order, the model is used by one round at a time, and an error in the thread is
+    raised in the server loop. A crash before the thread published round N leaves
+    round N unpublished; resume trains it again.
+    """
+
+    def __init__(
+        self,
+        folder: RunFolder,
+        model: Any,
+        heldout: HeldOut,
+        on_round: RoundCallback | None,
+        *,
+        background: bool,
+    ) -> None:
+        self.folder = folder
+        self.model = model
+        self.heldout = heldout
+        self.on_round = on_round
+        self.background = background
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
+
+    def publish(
+        self,
+        rnd: int,
+        arrays: OrderedDict[str, np.ndarray],
+        meta: dict[str, Any],
+        line: dict[str, Any],
+        *,
+        wall_from: float | None = None,
+    ) -> dict[str, Any]:
+        self.join()
+        if not self.background:
+            return self._run(rnd, arrays, meta, line, wall_from)
+        self._thread = threading.Thread(
+            target=self._guarded,
+            args=(rnd, arrays, meta, line, None),
+            name=f"publish-round-{rnd}",
+            daemon=True,
+        )
+        self._thread.start()
+        return {}
+
+    def join(self) -> None:
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        if self._error is not None:
+            err, self._error = self._error, None
+            raise err
+
+    def _guarded(self, *args: Any) -> None:
+        try:
+            self._run(*args)
+        except BaseException as err:  # raised again by join() in the server loop
+            self._error = err
+
+    def _run(
+        self,
+        rnd: int,
+        arrays: OrderedDict[str, np.ndarray],
+        meta: dict[str, Any],
+        line: dict[str, Any],
+        wall_from: float | None,
+    ) -> dict[str, Any]:
+        load_trainable_state(self.model, arrays)
+        t_eval = time.perf_counter()
+        scores = self.heldout.evaluate(self.model)
+        line["heldout"] = scores
+        line["eval_s"] = round(time.perf_counter() - t_eval, 2)
+        if wall_from is not None:  # from one published adapter to this one
+            line["wall_s"] = round(time.perf_counter() - wall_from, 2)
+        line["time"] = now()
+        self.folder.save_round(rnd, self.model, arrays, meta, line)
+        if self.on_round:
+            self.on_round(line)
+        return scores
 
 
 def client_dp_summary(client_dp: ClientDP, rnd: int) -> dict[str, Any]:
@@ -242,7 +343,8 @@ def main(grid: Grid, context: Context) -> None:
     cfg = cfg.with_overrides(out=str(Path(cfg.out).resolve()))
     if hosts_mode == "nodes":
         log.info("Run folder %s, deployed hosts", cfg.out)
-        run_server(grid, cfg)
+        grid = fast_polling(grid, cfg.federation.poll_interval)
+        run_server(grid, cfg, overlap_default=True)
         return
     # Virtual nodes (Flower's simulation runtime) have no data dir of their own: give
     # them the built-in streams, one per node. Deployed nodes bring "data-dir".

@@ -442,6 +442,20 @@ def test_every_round_adapter_is_saved_and_loads(fed: Federation) -> None:
         previous = weights
 
 
+def test_clientapp_tasks_were_forked_from_each_hosts_fork_server(
+    fed: Federation,
+) -> None:
+    """Every message's ClientApp process came from the host's fork server
+    (client.warm_clientapp), none was started cold: the SuperNodes ran our
+    SuperExec."""
+    for name in HOSTS:
+        log = (fed.data[name] / "supernode.log").read_text()
+        forked = log.count("clientapp fork server: task process")
+        # h0 trained every round of both runs; the others missed at most one
+        assert forked >= ROUNDS, (name, log[-2000:])
+        assert "started without the fork server" not in log, name
+
+
 def test_agents_drain_on_sigterm_and_keep_their_ledger(fed: Federation) -> None:
     for proc in fed.agents.values():
         proc.track()

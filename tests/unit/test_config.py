@@ -37,6 +37,8 @@ BAD_VALUES = [
     ("federation", "min_hosts", 0),
     ("federation", "fraction_evaluate", 2.0),
     ("federation", "round_timeout", -1.0),
+    ("federation", "poll_interval", 0.0),
+    ("federation", "overlap_eval", "sometimes"),
     ("data", "records_per_host", 0),
     ("data", "heldout_per_domain", 0),
     ("data", "eval_batch_size", 0),
@@ -144,7 +146,14 @@ def test_flower_run_config_maps_onto_the_same_models():
         RunConfig.from_flat({**flat, "training.local-steps": -1})
 
 
-def test_fingerprint_ignores_out_only():
+def test_fingerprint_ignores_out_and_how_the_server_runs_only():
     a = RunConfig.build({"out": "x"})
     assert a.fingerprint() == RunConfig.build({"out": "y"}).fingerprint()
+    for federation in ({"poll_interval": 1.5}, {"overlap_eval": True}):
+        b = RunConfig.build({"out": "x", "federation": federation})
+        assert a.fingerprint() == b.fingerprint()
     assert a.fingerprint() != RunConfig.build({"seed": 1}).fingerprint()
+    assert (
+        a.fingerprint()
+        != RunConfig.build({"federation": {"round_timeout": 60.0}}).fingerprint()
+    )
