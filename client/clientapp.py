@@ -12,6 +12,9 @@ training (``client.secagg``) are answered here from the node state.
 from __future__ import annotations
 
 import logging
+import os
+import sys
+import time
 from pathlib import Path
 
 from flwr.app import Context, Error, Message
@@ -56,6 +59,14 @@ def _run(op: str, msg: Message, context: Context) -> Message:
     """``op`` on the host's training worker, or here when none listens."""
     from client.worker import WorkerUnavailable, call
 
+    if os.environ.get("FEDSTREAM_PROFILE_CLIENTAPP"):
+        print(
+            f"{time.strftime('%H:%M:%S')} clientapp {os.getpid()}: {op} handler "
+            f"entered {_age():.2f} s after the process started",
+            file=sys.stderr,
+            flush=True,
+        )
+
     data_dir = context.node_config.get("data-dir")
     if isinstance(data_dir, str) and data_dir:
         try:
@@ -70,3 +81,12 @@ def _run(op: str, msg: Message, context: Context) -> Message:
 
     handler = training.train if op == "train" else training.evaluate
     return handler(msg, context)
+
+
+def _age() -> float:
+    """Seconds since this process started (a forked one: since the fork)."""
+    with open("/proc/self/stat") as fh:
+        start_ticks = int(fh.read().rsplit(")", 1)[1].split()[19])
+    with open("/proc/uptime") as fh:
+        uptime = float(fh.read().split()[0])
+    return uptime - start_ticks / os.sysconf("SC_CLK_TCK")

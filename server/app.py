@@ -27,7 +27,7 @@ from server.checkpoint import RunFolder, now
 from server.checks import update_norm_bound
 from server.client_dp import ClientDP, client_dp_for
 from server.evaluation import HeldOut
-from server.grid import fast_polling
+from server.grid import PollingGrid, fast_polling
 from server.policies import make_policy
 from server.report import write_report
 from server.secure import SecureAdapterFedAvg
@@ -130,6 +130,11 @@ def run_server(
     if overlap is None:
         overlap = overlap_default
     evaluator = _RoundPublisher(folder, model, heldout, on_round, background=overlap)
+    if overlap and isinstance(grid, PollingGrid):
+        # Evaluate once the next round's messages are out: pushing them competes
+        # for the CPU (and the GIL) with the evaluation, and every host waits on it.
+        grid.after_push.append(evaluator.release)
+        evaluator.wait_for_release = True
 
     def evaluate_fn(server_round: int, _arrays: ArrayRecord) -> MetricRecord | None:
         rnd = start + server_round
@@ -216,8 +221,9 @@ class _RoundPublisher:
     """Evaluates a round's adapter on the held-out sets, then publishes the round
     (``RunFolder.save_round``: adapter, fedstream.json, metrics line).
 
-    With ``background`` the work runs in a thread while the next round trains: the
-    next ``publish`` (or ``join``) waits for it first, so rounds are published in
+    With ``background`` the work runs in a thread while the next round trains (with
+    ``wait_for_release``, from ``release()``: once that round's messages are out).
+    The next ``publish`` (or ``join``) waits for it first, so rounds are published in
     order, the model is used by one round at a time, and an error in the thread is
     raised in the server loop. A crash before the thread published round N leaves
     round N unpublished; resume trains it again.
@@ -239,6 +245,12 @@ class _RoundPublisher:
         self.background = background
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
+        self.wait_for_release = False  # start each evaluation at release()
+        self._go = threading.Event()
+
+    def release(self) -> None:
+        """The next round's messages are out: the pending evaluation may start."""
+        self._go.set()
 
     def publish(
         self,
@@ -252,6 +264,9 @@ class _RoundPublisher:
         self.join()
         if not self.background:
             return self._run(rnd, arrays, meta, line, wall_from)
+        self._go.clear()
+        if not self.wait_for_release:
+            self._go.set()
         self._thread = threading.Thread(
             target=self._guarded,
             args=(rnd, arrays, meta, line, None),
@@ -263,6 +278,7 @@ class _RoundPublisher:
 
     def join(self) -> None:
         if self._thread is not None:
+            self._go.set()  # no next round to wait for
             self._thread.join()
             self._thread = None
         if self._error is not None:
@@ -271,6 +287,7 @@ class _RoundPublisher:
 
     def _guarded(self, *args: Any) -> None:
         try:
+            self._go.wait()
             self._run(*args)
         except BaseException as err:  # raised again by join() in the server loop
             self._error = err

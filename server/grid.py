@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from flwr.app import Message
@@ -33,6 +33,8 @@ class PollingGrid(Grid):
         self.inner = inner
         self.interval = interval
         self.pulls = 0  # pull_messages calls made by send_and_receive
+        # called after each send_and_receive has pushed its (one or more) messages
+        self.after_push: list[Callable[[], None]] = []
 
     # -- everything but send_and_receive is the wrapped grid's ------------------------
     def set_run(self, run: Run) -> None:
@@ -64,6 +66,9 @@ class PollingGrid(Grid):
         seconds have passed (``None``: wait for all of them)."""
         t0 = time.monotonic()
         pending = set(self.inner.push_messages(messages))
+        if pending:  # Flower also "sends" empty lists (no evaluation asked)
+            for hook in self.after_push:
+                hook()
         asked = len(pending)
         end = None if timeout is None else t0 + timeout
         replies: list[Message] = []

@@ -167,6 +167,9 @@ def test_supervisor_restarts_a_dead_supernode(tmp_path: Path) -> None:
         assert sup.starts == 2 and sup.proc.pid != first
         cmd = Path(f"/proc/{sup.proc.pid}/cmdline").read_bytes().split(b"\0")
         assert b"--node-config" in cmd
+        # Flower's SuperNode through client.supernode: polls capped, tasks forked
+        assert cmd[1:5] == [b"-m", b"client.supernode", b"--poll-interval", b"0.5"]
+        assert b"--warm-clientapp" in cmd
         assert f'data-dir="{data.resolve()}"'.encode() in cmd
         seen.update(descendants(sup.proc.pid))
         last = sup.proc

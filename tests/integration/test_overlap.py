@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from flwr.app import Message
 from safetensors.numpy import load_file
 
 from client.host import ensure_secret
@@ -100,3 +101,66 @@ def test_an_error_while_publishing_in_the_background_stops_the_server(tmp_path):
     # Round 1 was saved before its callback failed; the server stopped at the next
     # publish, so round 2 trained but was never published.
     assert folder_rounds == ["round-1"]
+
+
+class PushPull(Loopback):
+    """The loopback hosts behind Flower's push/pull interface, so that the server
+    loop runs over ``PollingGrid`` as it does against a SuperLink. ``events``
+    records pushes and the start of each held-out evaluation, in order."""
+
+    def __init__(self, dirs: dict[int, Path], events: list[str]) -> None:
+        super().__init__(dirs)
+        self.events = events
+        self._replies: dict[str, Message] = {}
+
+    def push_messages(self, messages):  # type: ignore[override]
+        messages = list(messages)
+        if messages:
+            self.events.append("push")
+        ids = {
+            m.metadata.dst_node_id: f"m{len(self._replies)}-{i}"
+            for i, m in enumerate(messages)
+        }
+        for reply in Loopback.send_and_receive(self, messages):
+            mid = ids[reply.metadata.src_node_id]
+            reply.metadata.__dict__["_reply_to_message_id"] = mid
+            self._replies[mid] = reply
+        return list(ids.values())
+
+    def pull_messages(self, message_ids):  # type: ignore[override]
+        return [self._replies.pop(i) for i in list(message_ids) if i in self._replies]
+
+
+def test_with_a_polling_grid_evaluation_starts_after_the_next_push(
+    tmp_path, monkeypatch
+):
+    from server import app as server_app
+    from server.evaluation import HeldOut
+    from server.grid import PollingGrid
+
+    events: list[str] = []
+    evaluate = HeldOut.evaluate
+
+    def recorded(self, model):
+        events.append("eval")
+        return evaluate(self, model)
+
+    monkeypatch.setattr(HeldOut, "evaluate", recorded)
+    hosts = _hosts(tmp_path / "hosts")
+    serial = run_server(
+        _copy(hosts, tmp_path / "a"), _cfg(tmp_path / "a" / "run", False)
+    )
+    events.clear()
+    dirs = {
+        n: Path(shutil.copytree(d, tmp_path / "b" / d.name)) for n, d in hosts.items()
+    }
+    grid = PollingGrid(PushPull(dirs, events), 0.01)
+    overlapped = server_app.run_server(grid, _cfg(tmp_path / "b" / "run", True))
+    # round 0's evaluation, then per round: the train push, then the evaluation
+    # of the round before it (rounds 1 and 2), and the last one at the end
+    assert events == ["eval", "push", "push", "eval", "push", "eval", "eval"], " ".join(
+        events
+    )
+    assert [m["heldout"] for m in serial.read_metrics()] == [
+        m["heldout"] for m in overlapped.read_metrics()
+    ]
