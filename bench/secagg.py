@@ -39,7 +39,7 @@ def protocol_only(hosts: int, size: int, seed: int = 0) -> dict[str, float]:
     from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
 
     from client.secagg import setup
-    from common.adapter import layout_id
+    from common.adapter import layout_id, unpack_global
     from common.secagg import RECORD
     from server.loopback import Loopback
     from server.secure import SecureAdapterFedAvg
@@ -77,7 +77,9 @@ def protocol_only(hosts: int, size: int, seed: int = 0) -> dict[str, float]:
     out, _ = strat.aggregate_train(1, replies)
     took = time.perf_counter() - t0
     assert out is not None
-    err = float(np.abs(out["delta"].numpy() - np.mean(deltas, axis=0)).max())
+    shapes = {k: tuple(v.shape) for k, v in strat.global_arrays.items()}
+    mean = unpack_global(out, shapes)["delta"]
+    err = float(np.abs(mean - np.mean(deltas, axis=0)).max())
     payload = max(strat.outcome.bytes.values()) / (4 * size)
     return {
         "protocol_s": round(took, 3),

@@ -26,7 +26,13 @@ from client import secagg
 from client.host import Host, adapter_model, resolve_data_dir
 from client.trainer import train_local
 from client.window import WindowSettings, host_epsilon, select_round
-from common.adapter import encode_delta, from_record, layout_id, load_trainable_state
+from common.adapter import (
+    encode_delta,
+    layout_id,
+    load_trainable_state,
+    trainable_shapes,
+    unpack_global,
+)
 from common.config import RunConfig
 from common.drift import BASELINE0, DriftState, observe, record_vectors, release
 from common.errors import DataError, FedstreamError, PrivacyError
@@ -186,7 +192,9 @@ def _train(msg: Message, context: Context) -> Message:
     records = [r.content for r in stored]
     data = encode_records(records, base.tokenizer, cfg.model.max_length)
 
-    global_arrays = from_record(msg.content.array_records["arrays"])
+    global_arrays = unpack_global(
+        msg.content.array_records["arrays"], trainable_shapes(model)
+    )
     load_trainable_state(model, global_arrays)
     score, event = 0.0, False
     if cfg.drift.enabled:
@@ -265,7 +273,8 @@ def evaluate(msg: Message, context: Context) -> Message:
     try:
         host, cfg, _ = _host(msg, context)
         base, model = adapter_model(cfg)
-        load_trainable_state(model, from_record(msg.content.array_records["arrays"]))
+        arrays = msg.content.array_records["arrays"]
+        load_trainable_state(model, unpack_global(arrays, trainable_shapes(model)))
         store = host.open_store()
         try:
             recent = [r.content for r in store.iter_records(store.recent(256))]

@@ -3,9 +3,12 @@
 Only trainable adapter tensors travel. Names are the PEFT checkpoint names (Opacus's
 ``_module.`` prefix and PEFT's adapter name stripped), in the model's parameter order,
 so every host and the server agree on them. The global adapter is kept in fp32 and
-sent as named tensors. Updates travel back as one flat delta vector in fp16 (or fp32),
-in the order of the global adapter's names, tagged with a hash of that layout: one
-array header per message instead of one per tensor.
+sent as one flat fp32 vector (``pack_global``) under a key that names its layout (a
+hash of names, order and shapes), so a host with another model or LoRA setting fails
+clearly; on the Deployment Engine every array is a separate object pulled with
+Flower's backoff, and one array instead of one per tensor is what keeps a round's
+messages quick to arrive. Updates travel back as one flat delta vector in fp16 (or
+fp32), in the order of the global adapter's names.
 """
 
 from __future__ import annotations
@@ -28,9 +31,14 @@ __all__ = [
     "from_record",
     "layout_id",
     "load_trainable_state",
+    "pack_global",
     "to_record",
+    "trainable_shapes",
     "trainable_state",
+    "unpack_global",
 ]
+
+GLOBAL = "adapter:"  # key prefix of the packed global adapter, then its layout id
 
 
 def canonical_name(name: str) -> str:
@@ -44,6 +52,14 @@ def trainable_state(model: torch.nn.Module) -> OrderedDict[str, np.ndarray]:
     """Copies of the trainable tensors as fp32 numpy arrays, in parameter order."""
     return OrderedDict(
         (canonical_name(n), p.detach().to(torch.float32).cpu().numpy().copy())
+        for n, p in model.named_parameters()
+        if p.requires_grad
+    )
+
+
+def trainable_shapes(model: torch.nn.Module) -> OrderedDict[str, tuple[int, ...]]:
+    return OrderedDict(
+        (canonical_name(n), tuple(p.shape))
         for n, p in model.named_parameters()
         if p.requires_grad
     )
@@ -93,6 +109,47 @@ def to_record(arrays: dict[str, np.ndarray], dtype: str = "float32") -> ArrayRec
 def from_record(record: ArrayRecord) -> OrderedDict[str, np.ndarray]:
     """fp32 copies of every tensor in ``record``, in its order."""
     return OrderedDict((k, v.numpy().astype(np.float32)) for k, v in record.items())
+
+
+def pack_global(arrays: dict[str, np.ndarray]) -> ArrayRecord:
+    """The global adapter as one flat fp32 array, keyed by its layout id."""
+    shapes = {k: tuple(v.shape) for k, v in arrays.items()}
+    flat = np.concatenate(
+        [np.asarray(v, dtype=np.float32).ravel() for v in arrays.values()]
+    )
+    return ArrayRecord(OrderedDict([(GLOBAL + layout_id(shapes), Array(flat))]))
+
+
+def unpack_global(
+    record: ArrayRecord, shapes: dict[str, tuple[int, ...]]
+) -> OrderedDict[str, np.ndarray]:
+    """fp32 tensors of a global adapter for a model with ``shapes``: a packed one
+    (``pack_global``) or named tensors (``to_record``)."""
+    keys = list(record.keys())
+    if not (len(keys) == 1 and keys[0].startswith(GLOBAL)):
+        arrays = from_record(record)
+        check_compatible(arrays, dict(shapes))
+        return arrays
+    if keys[0] != GLOBAL + layout_id(shapes):
+        raise TrainingError(
+            f"the global adapter has layout {keys[0][len(GLOBAL) :]}, this host's "
+            f"model has {layout_id(shapes)}: host and server must use the same model "
+            "and lora settings"
+        )
+    flat = record[keys[0]].numpy()
+    expected = sum(int(np.prod(s)) for s in shapes.values())
+    if flat.ndim != 1 or flat.size != expected or flat.dtype != np.float32:
+        raise TrainingError(
+            f"global adapter has shape {tuple(flat.shape)} {flat.dtype}, expected "
+            f"({expected},) float32"
+        )
+    out: OrderedDict[str, np.ndarray] = OrderedDict()
+    offset = 0
+    for key, shape in shapes.items():
+        size = int(np.prod(shape))
+        out[key] = flat[offset : offset + size].reshape(shape).copy()
+        offset += size
+    return out
 
 
 def layout_id(shapes: dict[str, tuple[int, ...]]) -> str:

@@ -19,7 +19,7 @@ import numpy as np
 from flwr.app import ArrayRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 
-from common.adapter import load_trainable_state, to_record, trainable_state
+from common.adapter import load_trainable_state, pack_global, trainable_state
 from common.config import RunConfig
 from common.errors import ConfigError
 from common.models import build_adapter_model, load_base_model
@@ -207,7 +207,7 @@ def run_server(
 
     strategy.start(
         grid=grid,
-        initial_arrays=to_record(arrays),
+        initial_arrays=pack_global(arrays),
         num_rounds=last - start,
         timeout=fed.round_timeout,
         evaluate_fn=evaluate_fn,

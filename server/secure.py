@@ -47,7 +47,7 @@ from flwr.supercore.primitives.asymmetric import (
     bytes_to_public_key,
 )
 
-from common.adapter import apply_delta, to_record
+from common.adapter import apply_delta, pack_global
 from common.secagg import RECORD, blobs, dequantize_sum, ints, mask
 from server.policies import HostUpdate
 from server.strategy import AdapterFedAvg, RoundOutcome, host_name
@@ -177,7 +177,7 @@ class SecureAdapterFedAvg(AdapterFedAvg):
             self.policy.name,
             outcome.weights,
         )
-        return to_record(self.global_arrays), self._round_metrics(outcome)
+        return pack_global(self.global_arrays), self._round_metrics(outcome)
 
     def _check_secure_reply(
         self, msg: Message

@@ -27,7 +27,7 @@ from flwr.common import serde
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
-from common.adapter import apply_delta, decode_delta, layout_id, to_record
+from common.adapter import apply_delta, decode_delta, layout_id, pack_global
 from common.config import AggregationConfig
 from server.checks import update_norm
 from server.client_dp import ClientDP
@@ -218,7 +218,7 @@ class AdapterFedAvg(FedAvg):
             mean[key] = acc
         mean = self._noised(mean, asked=asked)
         self.global_arrays = apply_delta(self.global_arrays, mean)
-        return to_record(self.global_arrays), self._round_metrics(outcome)
+        return pack_global(self.global_arrays), self._round_metrics(outcome)
 
     def _asked(self, replies: list[Message], updates: list[HostUpdate]) -> int:
         """Hosts the round was sent to: fixed before any reply (client DP's n)."""

@@ -20,7 +20,7 @@ from flwr.common.serde import context_to_proto, message_to_proto
 
 from client.clientapp import app as front
 from client.worker import SOCKET
-from common.adapter import to_record, trainable_state
+from common.adapter import to_record, trainable_state, unpack_global
 from common.config import RunConfig
 from common.models import build_adapter_model, load_base_model
 from server.loopback import Loopback
@@ -118,8 +118,10 @@ def test_secure_round_through_the_workers(hosts):
     grid = Loopback(dirs, app=front)
     before = {nid: _answered(d) for nid, d in dirs.items()}
     msgs = strat.configure_train(1, to_record(arrays), ConfigRecord(), grid)
-    out, metrics = strat.aggregate_train(1, grid.send_and_receive(msgs))
-    assert out is not None and metrics["hosts"] == 2, strat.outcome.failed
+    record, metrics = strat.aggregate_train(1, grid.send_and_receive(msgs))
+    assert record is not None and metrics["hosts"] == 2, strat.outcome.failed
+    shapes = {k: tuple(v.shape) for k, v in arrays.items()}
+    out = to_record(unpack_global(record, shapes))
     assert set(grid.deltas) == set(dirs)  # each worker's delta reached the front
     for nid, d in dirs.items():
         assert _answered(d) == before[nid] + 1  # trained by the worker, once

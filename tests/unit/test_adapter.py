@@ -9,8 +9,11 @@ from common.adapter import (
     from_record,
     layout_id,
     load_trainable_state,
+    pack_global,
     to_record,
+    trainable_shapes,
     trainable_state,
+    unpack_global,
 )
 from common.config import LoraSettings, ModelConfig
 from common.errors import ModelError, TrainingError
@@ -52,6 +55,37 @@ def test_ffa_trains_and_sends_only_b_and_a_is_shared(name):
     _, again = _model(name, ffa=True)
     a2 = {n: p.detach() for n, p in again.named_parameters() if "lora_A" in n}
     assert a1.keys() == a2.keys() and all(torch.equal(a1[k], a2[k]) for k in a1)
+
+
+@pytest.mark.parametrize("name", TINY)
+def test_global_adapter_travels_as_one_array_and_unpacks_exactly(name):
+    _, model = _model(name, ffa=False)
+    rng = np.random.default_rng(1)
+    state = {
+        k: rng.normal(size=v.shape).astype(np.float32)
+        for k, v in trainable_state(model).items()
+    }
+    shapes = trainable_shapes(model)
+    assert list(shapes) == list(state) and len(state) > 1
+    record = pack_global(state)
+    (key,) = record.keys()  # one object on the wire, whatever the adapter's size
+    assert key == "adapter:" + layout_id(shapes)
+    back = unpack_global(record, shapes)
+    assert list(back) == list(state)
+    assert all(np.array_equal(back[k], state[k]) for k in state)
+    # named tensors (older servers, tests) are still understood
+    named = unpack_global(to_record(state), shapes)
+    assert all(np.array_equal(named[k], state[k]) for k in state)
+    # a host with another layout fails clearly, never loads a wrong split
+    _, other = _model(name, ffa=False, rank=2)
+    with pytest.raises(TrainingError, match="same model and lora settings"):
+        unpack_global(record, trainable_shapes(other))
+    with pytest.raises(TrainingError, match="has shape"):
+        unpack_global(to_record(state), trainable_shapes(other))
+    flat = record[key].numpy()
+    short = type(record)({key: type(record[key])(flat[:-1])})
+    with pytest.raises(TrainingError, match="expected"):
+        unpack_global(short, shapes)
 
 
 @pytest.mark.parametrize("name", TINY)

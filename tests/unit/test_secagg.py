@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from flwr.app import ConfigRecord, Message, RecordDict
 
-from common.adapter import encode_delta, to_record, trainable_state
+from common.adapter import encode_delta, to_record, trainable_state, unpack_global
 from common.config import RunConfig
 from common.models import build_adapter_model, load_base_model
 from common.secagg import RECORD
@@ -64,7 +64,16 @@ def _setup(tmp_path: Path, hosts: int, client_dp=None, **aggregation):
 def _secure_round(grid: Loopback, strat: SecureAdapterFedAvg, arrays, rnd: int = 1):
     msgs = strat.configure_train(rnd, to_record(arrays), ConfigRecord(), grid)
     replies = grid.send_and_receive(msgs)
-    return strat.aggregate_train(rnd, replies)
+    return _named(strat.aggregate_train(rnd, replies), arrays)
+
+
+def _named(result, arrays):
+    """(packed global adapter, metrics) -> (named tensors, metrics)."""
+    record, metrics = result
+    if record is None:
+        return None, metrics
+    shapes = {k: tuple(v.shape) for k, v in arrays.items()}
+    return to_record(unpack_global(record, shapes)), metrics
 
 
 def _plain_reference(cfg, grid: Loopback, strat: SecureAdapterFedAvg, arrays):
@@ -96,7 +105,7 @@ def _plain_reference(cfg, grid: Loopback, strat: SecureAdapterFedAvg, arrays):
         )
         incoming = Message(content=RecordDict(), dst_node_id=nid, message_type="train")
         replies.append(Message(content=content, reply_to=incoming))
-    out, _ = plain.aggregate_train(1, replies)
+    out, _ = _named(plain.aggregate_train(1, replies), arrays)
     return plain, out
 
 
