@@ -69,3 +69,15 @@ def fill_store(data_dir: Path, host: int, n: int = 32) -> None:
     rows = host_records(host, n, seed=0)
     Ingestor(store).submit([(json.dumps({"text": t}).encode(), "t") for t in rows])
     store.close()
+
+
+def aggregate_named(strat, rnd: int, replies):  # type: ignore[no-untyped-def]
+    """``strat.aggregate_train`` with the packed global adapter it returns
+    (``common.adapter.pack_global``) as named tensors, for assertions per tensor."""
+    from common.adapter import to_record, unpack_global
+
+    record, metrics = strat.aggregate_train(rnd, replies)
+    if record is None:
+        return None, metrics
+    shapes = {k: tuple(v.shape) for k, v in strat.global_arrays.items()}
+    return to_record(unpack_global(record, shapes)), metrics

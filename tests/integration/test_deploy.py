@@ -15,7 +15,8 @@ by the checks below, which run in file order while it trains:
   restarted launcher (``--keep-serving``) resumes at round 3, which completes with
   every host; no global version is lost or written twice;
 * ``flwr run .`` submits a second run to the same SuperLink, which trains a round
-  with every host; SIGTERM then stops the launcher with exit code 0;
+  with every host under SecAgg+ (each host's update arrives masked); SIGTERM then
+  stops the launcher with exit code 0;
 * every round's adapter loads; the agents drain on SIGTERM with their ledgers.
 """
 
@@ -366,7 +367,8 @@ def test_flwr_run_dot_against_the_launchers_superlink(
     fed: Federation, tmp_path: Path
 ) -> None:
     """``flwr run .`` with the launcher's Flower home: a second run on the same
-    SuperLink and the same hosts (their data dirs from their node config)."""
+    SuperLink and the same hosts (their data dirs from their node config), with
+    SecAgg+."""
     from common.config import RunConfig
     from tests.conftest import ROOT
 
@@ -382,6 +384,7 @@ def test_flwr_run_dot_against_the_launchers_superlink(
             "training": {"local_steps": 2},
             "privacy": {"noise_multiplier": 1.0},
             "federation": {"rounds": 1, "min_hosts": len(HOSTS)},
+            "aggregation": {"secure": True},  # SecAgg+ across the real processes
         }
     )
     overrides = {"deploy.hosts": "nodes", "deploy.config": run.to_toml()}
@@ -407,6 +410,14 @@ def test_flwr_run_dot_against_the_launchers_superlink(
     assert [ln["round"] for ln in lines] == [0, 1], lines
     assert sorted(lines[1]["hosts"]) == HOSTS, lines[1]  # type: ignore[arg-type]
     assert (out / "global" / "round-1" / "adapter_model.safetensors").exists()
+    # Under SecAgg+ each host sent its update masked, one uint32 per number (plain
+    # hosts send fp16: half of that), plus keys and shares.
+    from safetensors.numpy import load_file
+
+    adapter = load_file(str(out / "global" / "round-1" / "adapter_model.safetensors"))
+    trained = sum(v.size for k, v in adapter.items() if "lora_B" in k)
+    for host, sent in lines[1]["bytes"].items():  # type: ignore[union-attr]
+        assert 4 * trained < sent < 1.1 * 4 * trained + 8192, (host, sent, trained)
     # The launcher's own run folder is untouched, and SIGTERM stops it cleanly.
     assert [ln["round"] for ln in metrics(fed.out)] == list(range(ROUNDS + 1))
     server.popen.send_signal(signal.SIGTERM)

@@ -8,27 +8,19 @@ import pytest
 from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
 from opacus.accountants.analysis.rdp import compute_rdp, get_privacy_spent
 
-from common.adapter import encode_delta, layout_id, to_record, unpack_global
+from common.adapter import encode_delta, layout_id
 from common.config import RunConfig
 from common.errors import ConfigError, PrivacyError
 from server.checks import update_norm
 from server.client_dp import ClientDP, client_dp_for
 from server.policies import make_policy
 from server.strategy import AdapterFedAvg
+from tests.conftest import aggregate_named
 
 SHAPES = OrderedDict([("a.lora_B.weight", (200, 30)), ("b.lora_B.weight", (40, 100))])
 SIZE = 200 * 30 + 40 * 100
 
 pytestmark = pytest.mark.usefixtures("task_identity")
-
-
-def _aggregate(strat, rnd, replies):
-    """``aggregate_train``, with the packed global adapter as named tensors."""
-    record, metrics = strat.aggregate_train(rnd, replies)
-    if record is None:
-        return None, metrics
-    shapes = {k: tuple(v.shape) for k, v in strat.global_arrays.items()}
-    return to_record(unpack_global(record, shapes)), metrics
 
 
 def _global():
@@ -89,7 +81,7 @@ def test_updates_are_clipped_and_weighed_equally_over_the_hosts_asked():
         _reply(4, "h4", bad),
     ]
     strat = _strategy(clip=1.0, z=1e-9, policy="drift")
-    arrays, _ = _aggregate(strat, 1, replies)
+    arrays, _ = aggregate_named(strat, 1, replies)
     assert arrays is not None
     assert strat.outcome.hosts == ["h1", "h2", "h3"]
     assert "NaN" in strat.outcome.rejected["h4"]
@@ -107,7 +99,7 @@ def test_noise_on_the_mean_has_std_z_c_over_n():
     spread is 0.7%)."""
     zero = OrderedDict((k, np.zeros(s, np.float32)) for k, s in SHAPES.items())
     strat = _strategy(clip=0.5, z=2.0, rng=np.random.default_rng(7))
-    arrays, _ = _aggregate(strat, 1, [_reply(i, f"h{i}", zero) for i in range(4)])
+    arrays, _ = aggregate_named(strat, 1, [_reply(i, f"h{i}", zero) for i in range(4)])
     assert arrays is not None
     values = np.concatenate([arrays[k].numpy().ravel() for k in SHAPES])
     assert values.size == SIZE
@@ -122,7 +114,7 @@ def test_noise_is_not_reproducible_from_anything_the_hosts_know():
     outs = []
     for _ in range(2):
         strat = _strategy(clip=1.0, z=1.0)
-        arrays, _ = _aggregate(strat, 1, [_reply(1, "h1", zero)])
+        arrays, _ = aggregate_named(strat, 1, [_reply(1, "h1", zero)])
         assert arrays is not None
         outs.append(arrays["a.lora_B.weight"].numpy())
     assert not np.allclose(outs[0], outs[1])

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from flwr.app import ConfigRecord, Message, RecordDict
 
-from common.adapter import encode_delta, to_record, trainable_state, unpack_global
+from common.adapter import encode_delta, to_record, trainable_state
 from common.config import RunConfig
 from common.models import build_adapter_model, load_base_model
 from common.secagg import RECORD
@@ -26,7 +26,7 @@ from server.loopback import Loopback
 from server.policies import make_policy
 from server.secure import SecureAdapterFedAvg
 from server.strategy import AdapterFedAvg
-from tests.conftest import fill_store
+from tests.conftest import aggregate_named, fill_store
 
 pytestmark = pytest.mark.usefixtures("task_identity")
 
@@ -64,16 +64,7 @@ def _setup(tmp_path: Path, hosts: int, client_dp=None, **aggregation):
 def _secure_round(grid: Loopback, strat: SecureAdapterFedAvg, arrays, rnd: int = 1):
     msgs = strat.configure_train(rnd, to_record(arrays), ConfigRecord(), grid)
     replies = grid.send_and_receive(msgs)
-    return _named(strat.aggregate_train(rnd, replies), arrays)
-
-
-def _named(result, arrays):
-    """(packed global adapter, metrics) -> (named tensors, metrics)."""
-    record, metrics = result
-    if record is None:
-        return None, metrics
-    shapes = {k: tuple(v.shape) for k, v in arrays.items()}
-    return to_record(unpack_global(record, shapes)), metrics
+    return aggregate_named(strat, rnd, replies)
 
 
 def _plain_reference(cfg, grid: Loopback, strat: SecureAdapterFedAvg, arrays):
@@ -105,7 +96,7 @@ def _plain_reference(cfg, grid: Loopback, strat: SecureAdapterFedAvg, arrays):
         )
         incoming = Message(content=RecordDict(), dst_node_id=nid, message_type="train")
         replies.append(Message(content=content, reply_to=incoming))
-    out, _ = _named(plain.aggregate_train(1, replies), arrays)
+    out, _ = aggregate_named(plain, 1, replies)
     return plain, out
 
 

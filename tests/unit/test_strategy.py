@@ -8,6 +8,7 @@ from flwr.app import ConfigRecord, Error, Message, MetricRecord, RecordDict
 
 from common.adapter import encode_delta, layout_id, to_record, unpack_global
 from server.strategy import AdapterFedAvg
+from tests.conftest import aggregate_named
 
 
 @pytest.fixture(autouse=True)
@@ -20,15 +21,6 @@ def _task_identity():
 
 
 SHAPES = OrderedDict([("a.lora_B.weight", (4, 2)), ("b.lora_B.weight", (3, 2))])
-
-
-def _aggregate(strat, rnd, replies):
-    """``aggregate_train``, with the packed global adapter as named tensors."""
-    record, metrics = strat.aggregate_train(rnd, replies)
-    if record is None:
-        return None, metrics
-    shapes = {k: tuple(v.shape) for k, v in strat.global_arrays.items()}
-    return to_record(unpack_global(record, shapes)), metrics
 
 
 def _global():
@@ -91,7 +83,7 @@ def test_bad_replies_are_rejected_with_reasons_and_the_round_goes_on():
         _reply(5, "zero-weight", _delta(g, 1.0), n=0),
         _reply(6, "crashed", None, error="TrainingError: loss exploded"),
     ]
-    arrays, _ = _aggregate(strat, 3, replies)
+    arrays, _ = aggregate_named(strat, 3, replies)
     for k in g:
         np.testing.assert_allclose(arrays[k].numpy(), g[k] + 2.0, rtol=1e-6)
     out = strat.outcome
@@ -106,7 +98,7 @@ def test_bad_replies_are_rejected_with_reasons_and_the_round_goes_on():
 def test_no_usable_update_keeps_the_global_adapter():
     g = _global()
     strat = AdapterFedAvg(global_arrays=g, base_config={})
-    arrays, metrics = _aggregate(strat, 1, [_reply(1, "x", None, error="boom")])
+    arrays, metrics = aggregate_named(strat, 1, [_reply(1, "x", None, error="boom")])
     assert arrays is None and metrics is None
     assert all(np.array_equal(strat.global_arrays[k], g[k]) for k in g)
 
@@ -115,7 +107,7 @@ def test_no_usable_update_keeps_the_global_adapter():
 def test_fp16_and_fp32_updates_are_both_accepted(dtype):
     g = _global()
     strat = AdapterFedAvg(global_arrays=g, base_config={})
-    arrays, _ = _aggregate(strat, 1, [_reply(1, "h", _delta(g, 0.5, dtype))])
+    arrays, _ = aggregate_named(strat, 1, [_reply(1, "h", _delta(g, 0.5, dtype))])
     for k in g:
         np.testing.assert_allclose(arrays[k].numpy(), g[k] + 0.5, atol=1e-3)
 
@@ -165,7 +157,7 @@ def test_drift_policy_without_drift_gives_fedavg_global_bit_for_bit():
         replies = [
             _reply(i, f"h{i}", _delta(g, 0.01 * i), n=32 * i) for i in range(1, 5)
         ]
-        arrays, _ = _aggregate(strat, 1, replies)
+        arrays, _ = aggregate_named(strat, 1, replies)
         out[name] = {k: arrays[k].numpy() for k in g}
         assert strat.outcome.step == 1.0
     assert all(np.array_equal(out["fedavg"][k], out["drift"][k]) for k in g)
@@ -182,7 +174,7 @@ def test_drift_policy_server_step_scales_the_mean_update():
         _reply(1, "h1", _delta(g, 0.01), extra={"drift-score": 0.5}),
         _reply(2, "h2", _delta(g, 0.03), extra={"drift-score": 0.4}),
     ]
-    arrays, _ = _aggregate(strat, 1, replies)
+    arrays, _ = aggregate_named(strat, 1, replies)
     # Equal weights (no boost); h2's 0.4 is below 0.5 and does not count: mean
     # score 0.25, step 1.5 on the mean delta 0.02.
     assert strat.outcome.step == pytest.approx(1.5)
@@ -227,7 +219,7 @@ def test_strategy_under_drift_policy_rejects_nan_damps_huge_and_goes_on():
         _reply(4, "huge", _delta(g, 50.0)),
         _reply(5, "nan", encode_delta(nan, g, "float32")),
     ]
-    arrays, _ = _aggregate(strat, 1, replies)
+    arrays, _ = aggregate_named(strat, 1, replies)
     assert "NaN/Inf" in strat.outcome.rejected["nan"]
     assert "norm" in strat.outcome.damped["huge"]
     assert set(strat.outcome.weights) == {"h1", "h2", "h3", "huge"}
@@ -256,7 +248,7 @@ def test_update_above_the_norm_bound_is_rejected_and_the_round_goes_on():
         _reply(2, "h2", _delta(g, 0.2), n=64),
         _reply(3, "huge", _delta(g, 50.0), n=64),
     ]
-    arrays, metrics = _aggregate(strat, 1, replies)
+    arrays, metrics = aggregate_named(strat, 1, replies)
     out = strat.outcome
     assert out.hosts == ["h1", "h2"]
     assert set(out.rejected) == {"huge"}
