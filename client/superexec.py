@@ -20,8 +20,11 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import os
 import subprocess
 import sys
+import threading
+import time
 
 from flwr.supercore.constant import (
     TASK_TYPE_TO_APPIO_API_ADDRESS_ARG,
@@ -129,7 +132,44 @@ def patch() -> None:
     rs.get_executor = get_executor  # type: ignore[assignment]
 
 
+ORPHAN_GRACE_S = 5.0
+
+
+def exit_when_orphaned(parent_pid: int, grace_s: float = ORPHAN_GRACE_S) -> None:
+    """Exit once ``parent_pid`` (the SuperNode) is gone and Flower's own monitor has
+    not ended this process within ``grace_s``: Flower's raises SIGINT once, which is
+    lost when it lands during an import, leaving a SuperExec that retries its dead
+    SuperNode forever (seen when a SuperNode exits while starting)."""
+
+    def watch() -> None:
+        while True:
+            time.sleep(0.5)
+            try:
+                os.kill(parent_pid, 0)
+            except ProcessLookupError:
+                break
+            except PermissionError:  # it exists, owned by someone else
+                continue
+        time.sleep(grace_s)
+        log.warning("SuperNode %d is gone: SuperExec exits", parent_pid)
+        os._exit(0)  # the fork server sees end of input and exits too
+
+    threading.Thread(target=watch, name="orphan-guard", daemon=True).start()
+
+
+def _parent_pid(argv: list[str]) -> int | None:
+    for i, arg in enumerate(argv):
+        if arg == "--parent-pid" and i + 1 < len(argv):
+            return int(argv[i + 1])
+        if arg.startswith("--parent-pid="):
+            return int(arg.split("=", 1)[1])
+    return None
+
+
 def main() -> None:
+    parent = _parent_pid(sys.argv[1:])
+    if parent is not None:
+        exit_when_orphaned(parent)
     patch()
     from flwr.supercore.cli import flower_superexec
 

@@ -195,3 +195,44 @@ def test_superexec_patch_makes_flower_use_the_warm_executor(
     superexec.patch()
     ex = rs.get_executor(ExecutorType.SUBPROCESS)
     assert isinstance(ex, superexec.WarmClientAppExecutor) and made == [ex]
+
+
+def test_superexec_and_its_fork_server_exit_when_their_supernode_is_gone(
+    tmp_path: Path,
+) -> None:
+    """A SuperExec whose SuperNode died (here: a stand-in parent that exits at once)
+    does not retry a dead runtime API forever, and takes its fork server along."""
+    from tests.integration.agent_util import free_port
+
+    parent = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(3)"])
+    log = (tmp_path / "superexec.log").open("wb")
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "client.superexec",
+            "--insecure",
+            "--runtime-api-address",
+            f"127.0.0.1:{free_port()}",  # nobody listens: Flower retries it
+            "--parent-pid",
+            str(parent.pid),
+        ],
+        cwd=ROOT,
+        stdout=log,
+        stderr=log,
+        start_new_session=True,
+    )
+    log.close()
+    try:
+        _wait(lambda: "fork server" in (tmp_path / "superexec.log").read_text(), 60)
+        server = int(
+            (tmp_path / "superexec.log").read_text().split("fork server ")[1].split()[0]
+        )
+        parent.wait(timeout=30)
+        assert proc.wait(timeout=60) is not None
+        _wait(lambda: not Path(f"/proc/{server}").exists(), 30)
+    finally:
+        for p in (proc, parent):
+            if p.poll() is None:
+                p.kill()
+                p.wait()
