@@ -38,6 +38,7 @@ __all__ = ["app", "run_config_from_flat", "run_server"]
 log = logging.getLogger(__name__)
 
 RoundCallback = Callable[[dict[str, Any]], None]
+RELEASE_WAIT_S = 10.0  # longest wait for the next round's push before evaluating
 
 
 def run_server(
@@ -222,7 +223,9 @@ class _RoundPublisher:
     (``RunFolder.save_round``: adapter, fedstream.json, metrics line).
 
     With ``background`` the work runs in a thread while the next round trains (with
-    ``wait_for_release``, from ``release()``: once that round's messages are out).
+    ``wait_for_release``, from ``release()``: once that round's messages are out, or
+    after ``RELEASE_WAIT_S`` if they are not, e.g. while the next round waits for
+    ``federation.min_hosts`` hosts).
     The next ``publish`` (or ``join``) waits for it first, so rounds are published in
     order, the model is used by one round at a time, and an error in the thread is
     raised in the server loop. A crash before the thread published round N leaves
@@ -287,7 +290,9 @@ class _RoundPublisher:
 
     def _guarded(self, *args: Any) -> None:
         try:
-            self._go.wait()
+            # The next push may never come soon: a round that waits for hosts to
+            # (re)connect must not hold the previous round's publication back.
+            self._go.wait(timeout=RELEASE_WAIT_S)
             self._run(*args)
         except BaseException as err:  # raised again by join() in the server loop
             self._error = err
