@@ -143,13 +143,7 @@ def unpack_global(
             f"global adapter has shape {tuple(flat.shape)} {flat.dtype}, expected "
             f"({expected},) float32"
         )
-    out: OrderedDict[str, np.ndarray] = OrderedDict()
-    offset = 0
-    for key, shape in shapes.items():
-        size = int(np.prod(shape))
-        out[key] = flat[offset : offset + size].reshape(shape).copy()
-        offset += size
-    return out
+    return _split(flat, shapes)
 
 
 def layout_id(shapes: dict[str, tuple[int, ...]]) -> str:
@@ -183,6 +177,13 @@ def decode_delta(
         )
     if flat.dtype not in (np.float16, np.float32):
         raise TrainingError(f"update dtype {flat.dtype} is not float16/float32")
+    return _split(flat, shapes)
+
+
+def _split(
+    flat: np.ndarray, shapes: dict[str, tuple[int, ...]]
+) -> OrderedDict[str, np.ndarray]:
+    """fp32 tensors of ``shapes`` (in order) cut from a flat vector that fits them."""
     out: OrderedDict[str, np.ndarray] = OrderedDict()
     offset = 0
     for key, shape in shapes.items():
