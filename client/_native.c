@@ -1,6 +1,7 @@
 /* Native hot paths of ingestion: the gate's fast path for the common record shape,
  * and the near-duplicate index for client.ingest: word 3-gram MinHash sketches and a
- * banded LSH over the last `horizon` records.
+ * banded LSH over the last `horizon` records; and a Bloom filter over the store's
+ * dedup keys, so that the store is asked only about keys it may hold.
  *
  * Tokens are hashed here with rensa's FxHash-style byte hash (rensa src/utils.rs,
  * checked against rensa's own `hash_token_sets` in the tests); rensa turns the flat
@@ -403,6 +404,133 @@ static PyTypeObject NearIndexType = {
     .tp_methods = NearIndex_methods,
     .tp_as_sequence = &NearIndex_as_sequence,
     .tp_init = (initproc)NearIndex_init,
+    .tp_new = PyType_GenericNew,
+};
+
+/* ---- the dedup-key filter ---------------------------------------------------------
+ * A Bloom filter over 16-byte keyed hashes (HMAC outputs, so their bits are already
+ * uniform: the k probe positions come straight from the key, h1 + i * h2). A key it
+ * never saw is certainly not stored; "maybe" keys are looked up in the store. */
+
+typedef struct {
+    PyObject_HEAD uint64_t *bits;
+    int log2, k;
+    Py_ssize_t added;
+} KeyFilter;
+
+static void KeyFilter_dealloc(KeyFilter *self) {
+    PyMem_Free(self->bits);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static int KeyFilter_init(KeyFilter *self, PyObject *args, PyObject *kw) {
+    static char *names[] = {"log2_bits", "k", NULL};
+    int log2, k;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "$ii", names, &log2, &k)) return -1;
+    if (log2 < 6 || log2 > 34 || k < 1 || k > 16) {
+        PyErr_SetString(PyExc_ValueError, "log2_bits in 6..34, k in 1..16");
+        return -1;
+    }
+    if (self->bits) {
+        PyErr_SetString(PyExc_RuntimeError, "KeyFilter is already initialised");
+        return -1;
+    }
+    size_t words = (size_t)1 << (log2 - 6);
+    /* zeroed and touched now: the filter's memory is what it is from the start */
+    self->bits = PyMem_Calloc(words, sizeof(uint64_t));
+    if (!self->bits) {
+        PyErr_NoMemory();
+        return -1;
+    }
+    memset(self->bits, 0, words * sizeof(uint64_t));
+    self->log2 = log2;
+    self->k = k;
+    return 0;
+}
+
+/* The key's bytes as a pointer, or NULL (TypeError/ValueError set). */
+static const unsigned char *filter_key(PyObject *item) {
+    if (!PyBytes_Check(item) || PyBytes_GET_SIZE(item) < 16) {
+        PyErr_SetString(PyExc_TypeError, "KeyFilter keys are bytes of at least 16");
+        return NULL;
+    }
+    return (const unsigned char *)PyBytes_AS_STRING(item);
+}
+
+static inline uint64_t filter_pos(const KeyFilter *f, uint64_t h1, uint64_t h2, int i) {
+    return (h1 + (uint64_t)i * h2) >> (64 - f->log2);
+}
+
+static PyObject *KeyFilter_add(KeyFilter *self, PyObject *keys) {
+    PyObject *seq = PySequence_Fast(keys, "KeyFilter.add takes a sequence of bytes");
+    if (!seq) return NULL;
+    Py_ssize_t n = PySequence_Fast_GET_SIZE(seq);
+    PyObject **items = PySequence_Fast_ITEMS(seq);
+    for (Py_ssize_t j = 0; j < n; j++) {
+        const unsigned char *key = filter_key(items[j]);
+        if (!key) {
+            Py_DECREF(seq);
+            return NULL;
+        }
+        uint64_t h1 = rd64(key), h2 = rd64(key + 8) | 1;
+        for (int i = 0; i < self->k; i++) {
+            uint64_t p = filter_pos(self, h1, h2, i);
+            self->bits[p >> 6] |= (uint64_t)1 << (p & 63);
+        }
+    }
+    self->added += n;
+    Py_DECREF(seq);
+    Py_RETURN_NONE;
+}
+
+static PyObject *KeyFilter_maybe(KeyFilter *self, PyObject *keys) {
+    PyObject *seq = PySequence_Fast(keys, "KeyFilter.maybe takes a sequence of bytes");
+    if (!seq) return NULL;
+    Py_ssize_t n = PySequence_Fast_GET_SIZE(seq);
+    PyObject **items = PySequence_Fast_ITEMS(seq);
+    PyObject *out = PyList_New(0);
+    if (!out) {
+        Py_DECREF(seq);
+        return NULL;
+    }
+    for (Py_ssize_t j = 0; j < n; j++) {
+        const unsigned char *key = filter_key(items[j]);
+        if (!key) goto fail;
+        uint64_t h1 = rd64(key), h2 = rd64(key + 8) | 1;
+        int all = 1;
+        for (int i = 0; i < self->k && all; i++) {
+            uint64_t p = filter_pos(self, h1, h2, i);
+            all = (self->bits[p >> 6] >> (p & 63)) & 1;
+        }
+        if (all && PyList_Append(out, items[j]) < 0) goto fail;
+    }
+    Py_DECREF(seq);
+    return out;
+fail:
+    Py_DECREF(seq);
+    Py_DECREF(out);
+    return NULL;
+}
+
+static Py_ssize_t KeyFilter_len(KeyFilter *self) { return self->added; }
+
+static PyMethodDef KeyFilter_methods[] = {
+    {"add", (PyCFunction)KeyFilter_add, METH_O, "add(keys): remember the keys."},
+    {"maybe", (PyCFunction)KeyFilter_maybe, METH_O,
+     "maybe(keys) -> [key]: the keys that may have been added (no false negatives)."},
+    {NULL, NULL, 0, NULL}};
+
+static PySequenceMethods KeyFilter_as_sequence = {.sq_length = (lenfunc)KeyFilter_len};
+
+static PyTypeObject KeyFilterType = {
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "client._native.KeyFilter",
+    .tp_basicsize = sizeof(KeyFilter),
+    .tp_dealloc = (destructor)KeyFilter_dealloc,
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_doc = "Bloom filter over 16-byte keyed hashes (len: keys added).",
+    .tp_methods = KeyFilter_methods,
+    .tp_as_sequence = &KeyFilter_as_sequence,
+    .tp_init = (initproc)KeyFilter_init,
     .tp_new = PyType_GenericNew,
 };
 
@@ -1114,12 +1242,11 @@ PyMODINIT_FUNC PyInit__native(void) {
 #if defined(__x86_64__)
     if (cpu_has_sha()) sha_block = sha256_block_ni;
 #endif
-    if (PyType_Ready(&NearIndexType) < 0) return NULL;
+    if (PyType_Ready(&NearIndexType) < 0 || PyType_Ready(&KeyFilterType) < 0) return NULL;
     PyObject *m = PyModule_Create(&native_module);
     if (!m) return NULL;
-    Py_INCREF(&NearIndexType);
-    if (PyModule_AddObject(m, "NearIndex", (PyObject *)&NearIndexType) < 0) {
-        Py_DECREF(&NearIndexType);
+    if (PyModule_AddObjectRef(m, "NearIndex", (PyObject *)&NearIndexType) < 0 ||
+        PyModule_AddObjectRef(m, "KeyFilter", (PyObject *)&KeyFilterType) < 0) {
         Py_DECREF(m);
         return NULL;
     }

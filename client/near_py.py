@@ -9,7 +9,7 @@ from collections.abc import Sequence
 import numpy as np
 from rensa import RMinHash
 
-__all__ = ["NearIndex", "rows_to_bytes", "token_hashes"]
+__all__ = ["KeyFilter", "NearIndex", "rows_to_bytes", "token_hashes"]
 
 
 def token_hashes(items: Sequence[str | Sequence[str]]) -> tuple[bytes, bytes]:
@@ -84,3 +84,39 @@ class NearIndex:
 
     def __len__(self) -> int:
         return len(self.digests)
+
+
+class KeyFilter:
+    """Bloom filter over 16-byte keyed hashes: probe positions h1 + i * h2 from the
+    key's two little-endian 64-bit halves (h2 odd), the top ``log2_bits`` bits."""
+
+    def __init__(self, *, log2_bits: int, k: int) -> None:
+        if not (6 <= log2_bits <= 34 and 1 <= k <= 16):
+            raise ValueError("log2_bits in 6..34, k in 1..16")
+        self.log2, self.k = log2_bits, k
+        self.bits = bytearray(1 << (log2_bits - 3))
+        self.added = 0
+
+    def _positions(self, key: bytes) -> list[int]:
+        if not isinstance(key, bytes) or len(key) < 16:
+            raise TypeError("KeyFilter keys are bytes of at least 16")
+        h1 = int.from_bytes(key[:8], "little")
+        h2 = int.from_bytes(key[8:16], "little") | 1
+        shift, mask = 64 - self.log2, (1 << 64) - 1
+        return [((h1 + i * h2) & mask) >> shift for i in range(self.k)]
+
+    def add(self, keys: Sequence[bytes]) -> None:
+        for key in keys:
+            for p in self._positions(key):
+                self.bits[p >> 3] |= 1 << (p & 7)
+        self.added += len(keys)
+
+    def maybe(self, keys: Sequence[bytes]) -> list[bytes]:
+        return [
+            key
+            for key in keys
+            if all(self.bits[p >> 3] >> (p & 7) & 1 for p in self._positions(key))
+        ]
+
+    def __len__(self) -> int:
+        return self.added

@@ -27,7 +27,7 @@ def near_impl(request, monkeypatch):
         import client.ingest
         import client.near_py
 
-        for name in ("NearIndex", "rows_to_bytes", "token_hashes"):
+        for name in ("KeyFilter", "NearIndex", "rows_to_bytes", "token_hashes"):
             monkeypatch.setattr(client.ingest, name, getattr(client.near_py, name))
     return request.param
 
@@ -120,6 +120,71 @@ def test_counters_account_for_every_input(tmp_path):
     assert c["received"] == c["stored"] + c["duplicates"] + c["quarantined"]
     assert (c["stored"], c["duplicates"], c["quarantined"]) == (30, 5, 3)
     assert sum(v for k, v in c.items() if k.startswith("quarantined:")) == 3
+
+
+def test_key_filter_never_misses_and_both_implementations_agree():
+    """The Bloom filter in front of the exact-duplicate lookups: every added key is
+    a "maybe" (no false negatives), the false-positive rate is what its size gives,
+    and the native filter and its pure-Python twin answer alike."""
+    import random
+
+    from client._native import KeyFilter
+    from client.near_py import KeyFilter as PyKeyFilter
+
+    rng = random.Random(3)
+    keys = [rng.randbytes(16) for _ in range(6000)]
+    added, others = keys[:3000], keys[3000:]
+    native, python = KeyFilter(log2_bits=14, k=4), PyKeyFilter(log2_bits=14, k=4)
+    for f in (native, python):
+        for start in range(0, len(added), 700):
+            f.add(added[start : start + 700])
+        assert len(f) == 3000
+        assert f.maybe(added) == added
+    assert native.maybe(others) == python.maybe(others)
+    # 3,000 keys in 16,384 bits, 4 probes: (1 - e^(-12000/16384))^4 = 0.064
+    rate = len(native.maybe(others)) / len(others)
+    assert 0.04 < rate < 0.09, rate
+    with pytest.raises(TypeError):
+        native.add([b"short"])
+    with pytest.raises(ValueError):
+        KeyFilter(log2_bits=40, k=4)
+
+
+def test_duplicates_stored_by_another_writer_are_still_found(tmp_path, near_impl):
+    """The filter is loaded when an ingestor starts and refreshed before each batch
+    with what was stored since, also through another connection (another process
+    sharing the store): redeliveries and copies are found as before."""
+    store = _open(tmp_path)
+    ing = Ingestor(store)
+    first = [
+        (json.dumps({"text": t, "id": f"a{i}"}).encode(), "t")
+        for i, t in enumerate(_texts(40))
+    ]
+    assert {a.status for a in ing.submit(first[:20])} == {"STORED"}
+    other = _open(tmp_path)  # a second writer on the same file
+    assert {a.status for a in Ingestor(other).submit(first[20:])} == {"STORED"}
+    other.close()
+    copy = json.loads(first[30][0])["text"]
+    acks = ing.submit(
+        [
+            first[5],  # stored by this ingestor
+            first[25],  # stored by the other writer
+            (json.dumps({"text": copy, "id": "b1"}).encode(), "t"),  # its content
+            (json.dumps({"text": "a note about the weather on tuesday"}).encode(), "t"),
+        ]
+    )
+    assert [(a.status, a.reason) for a in acks] == [
+        ("DUPLICATE", "already stored"),
+        ("DUPLICATE", "already stored"),
+        ("QUARANTINED", "duplicate"),
+        ("STORED", ""),
+    ]
+    store.close()
+    store = _open(tmp_path)  # a restarted agent loads the filter from the store
+    acks = Ingestor(store).submit(first[:1] + first[39:])
+    assert [a.status for a in acks] == ["DUPLICATE", "DUPLICATE"]
+    c = store.counters()
+    assert c["received"] == c["stored"] + c["duplicates"] + c["quarantined"]
 
 
 def test_near_duplicates_are_quarantined_and_horizon_survives_restart(
@@ -366,7 +431,7 @@ def test_native_and_python_near_duplicates_decide_alike(tmp_path, monkeypatch):
     acks = []
     for impl in ("native", "python"):
         if impl == "python":
-            for name in ("NearIndex", "rows_to_bytes", "token_hashes"):
+            for name in ("KeyFilter", "NearIndex", "rows_to_bytes", "token_hashes"):
                 monkeypatch.setattr(client.ingest, name, getattr(client.near_py, name))
         store = Store(tmp_path / f"{impl}.db", load_key(tmp_path / "key"))
         ing = Ingestor(store)
