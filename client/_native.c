@@ -534,6 +534,41 @@ static PyTypeObject KeyFilterType = {
     .tp_new = PyType_GenericNew,
 };
 
+/* ---- normalise: " ".join(text.split()).lower() for ASCII text -------------------
+ * str.split()'s whitespace in ASCII is \t \n \v \f \r, \x1c-\x1f and the space. */
+
+static PyObject *py_normalise(PyObject *Py_UNUSED(mod), PyObject *text) {
+    if (!PyUnicode_Check(text)) {
+        PyErr_SetString(PyExc_TypeError, "normalise takes a str");
+        return NULL;
+    }
+    if (PyUnicode_READY(text) < 0) return NULL;
+    if (!PyUnicode_IS_ASCII(text)) Py_RETURN_NONE; /* Unicode rules: Python's path */
+    Py_ssize_t n = PyUnicode_GET_LENGTH(text);
+    const unsigned char *s = PyUnicode_1BYTE_DATA(text);
+    PyObject *out = PyUnicode_New(n, 127);
+    if (!out) return NULL;
+    unsigned char *d = PyUnicode_1BYTE_DATA(out);
+    Py_ssize_t len = 0;
+    int gap = 0;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        unsigned char c = s[i];
+        if (c == ' ' || (c >= '\t' && c <= '\r') || (c >= 0x1c && c <= 0x1f)) {
+            gap = len > 0;
+            continue;
+        }
+        if (gap) {
+            d[len++] = ' ';
+            gap = 0;
+        }
+        d[len++] = (c >= 'A' && c <= 'Z') ? (unsigned char)(c + 32) : c;
+    }
+    if (len == n) return out;
+    PyObject *cut = PyUnicode_Substring(out, 0, len);
+    Py_DECREF(out);
+    return cut;
+}
+
 static PyObject *py_token_hash(PyObject *Py_UNUSED(mod), PyObject *arg) {
     Py_buffer view;
     if (PyObject_GetBuffer(arg, &view, PyBUF_SIMPLE) < 0) return NULL;
@@ -1232,6 +1267,8 @@ static PyMethodDef module_methods[] = {
     {"rows_to_bytes", py_rows_to_bytes, METH_VARARGS,
      "rows_to_bytes(rows, width) -> (len(rows), width) uint32 matrix as bytes."},
     {"token_hash", py_token_hash, METH_O, "token_hash(bytes) -> rensa's u64 token hash."},
+    {"normalise", py_normalise, METH_O,
+     "normalise(text) -> ' '.join(text.split()).lower() for ASCII text, else None."},
     {NULL, NULL, 0, NULL}};
 
 static struct PyModuleDef native_module = {PyModuleDef_HEAD_INIT, "client._native",

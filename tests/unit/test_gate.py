@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from client.gate import Clean, Gate, GateSettings, Rejected
+from client.gate import Clean, Gate, GateSettings, Rejected, normalise
 from client.pii import Scrubber, iban_ok, luhn_ok
 
 PLANTED = {
@@ -275,3 +275,22 @@ def test_native_pii_screen_flags_what_hyperscan_flags():
     native = scrubber._screen(texts)
     assert native == scrubber._screen_hyperscan(texts)
     assert 1_000 < len(native) < len(texts) - 1_000
+
+
+def test_native_normalise_is_pythons_on_ascii_and_declines_the_rest():
+    """The dedup key text: whitespace runs (str.split's, \\x1c-\\x1f included) become
+    one space, ends trimmed, ASCII letters lowered; non-ASCII text goes to Python."""
+    import random
+
+    from client._native import normalise as native
+
+    rng = random.Random(11)
+    every = [chr(i) for i in range(128)]
+    for _ in range(50_000):
+        pool = every if rng.random() < 0.3 else list(" \t\n\r\x0b\x0c\x1c\x1fAbZz.9")
+        text = "".join(rng.choice(pool) for _ in range(rng.randint(0, 24)))
+        assert native(text) == " ".join(text.split()).lower(), repr(text)
+    assert native("Größe\u00a0X") is None
+    assert normalise("  Größe\u00a0X  ") == "größe x"
+    with pytest.raises(TypeError):
+        native(b"bytes")
