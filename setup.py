@@ -1,8 +1,10 @@
-"""Build of the native hot paths (client/_native.c); the rest is in pyproject.toml.
+"""Build of the native hot paths (client/_native.c: gate fast path, PII screen,
+keyed hashes, shingles, LSH index, dedup-key filter; client/_pii.c: the exact PII
+scrubbing of ASCII text); the rest is in pyproject.toml.
 
-The extension is optional: where no C compiler is at hand (a slim container image),
+The extensions are optional: where no C compiler is at hand (a slim container image),
 the install still succeeds and client/ uses its pure-Python paths, with the same
-decisions and a lower ingestion rate. CI has gcc, and the tests import the module.
+decisions and a lower ingestion rate. CI has gcc, and the tests import the modules.
 """
 
 from setuptools import Extension, setup
@@ -14,6 +16,12 @@ setup(
             sources=["client/_native.c"],
             extra_compile_args=["-O3", "-std=c11", "-Wall"],
             optional=True,
-        )
+        ),
+        Extension(
+            "client._pii",
+            sources=["client/_pii.c"],
+            extra_compile_args=["-O3", "-std=c11", "-Wall"],
+            optional=True,
+        ),
     ]
 )
