@@ -13,7 +13,7 @@ import math
 import re
 import unicodedata
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
@@ -51,7 +51,7 @@ class Clean(NamedTuple):  # a tuple: built once per record, cheaper than a datac
     content: dict[str, Any]  # text | prompt+response, tags, label, id (scrubbed)
     ts: float  # 0 = time of arrival
     key_text: str  # normalised text used for dedup hashes and shingles
-    pii: Counter[str]
+    pii: Mapping[str, int]  # replacements per type (read-only when empty)
 
 
 @dataclass(frozen=True)

@@ -21,7 +21,9 @@ import itertools
 import re
 import threading
 from collections import Counter
-from dataclasses import dataclass
+from collections.abc import Mapping
+from types import MappingProxyType
+from typing import NamedTuple
 
 import hyperscan
 
@@ -145,10 +147,12 @@ def _screen_database() -> hyperscan.Database:
     return db
 
 
-@dataclass(frozen=True)
-class Scrubbed:
+class Scrubbed(NamedTuple):  # one per text: a tuple is cheaper than a dataclass
     text: str
-    counts: Counter[str]
+    counts: Mapping[str, int]  # replacements per type; NO_PII when there were none
+
+
+NO_PII: Mapping[str, int] = MappingProxyType({})  # shared, read-only
 
 
 class Scrubber:
@@ -226,15 +230,15 @@ class Scrubber:
             done = {
                 i: self.scrub(texts[i])
                 if got is None
-                else Scrubbed(got[0], Counter(got[1]))
+                else Scrubbed(got[0], Counter(got[1]) if got[1] else NO_PII)
                 for i, got in zip(order, native, strict=True)
             }
             return [
-                done[i] if i in done else Scrubbed(t, Counter())
+                done[i] if i in done else Scrubbed(t, NO_PII)
                 for i, t in enumerate(texts)
             ]
         return [
-            self.scrub(t) if i in flagged else Scrubbed(t, Counter())
+            self.scrub(t) if i in flagged else Scrubbed(t, NO_PII)
             for i, t in enumerate(texts)
         ]
 
@@ -269,7 +273,7 @@ class Scrubber:
     def scrub(self, text: str) -> Scrubbed:
         keep = self._possible(text)
         if keep is None:
-            return Scrubbed(text, Counter())
+            return Scrubbed(text, NO_PII)
         e = self.n_extra
         starts = None
         known = keep[0] >= e and all(i - e in _STARTS_KNOWN for i in keep)
