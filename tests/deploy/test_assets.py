@@ -147,8 +147,17 @@ def test_systemd_units_run_the_cli_with_shipped_configs() -> None:
 @pytest.mark.parametrize("name", ["Dockerfile", "Dockerfile.cuda"])
 def test_dockerfiles_copy_existing_sources_and_pin_torch(name: str) -> None:
     text = (DEPLOY / name).read_text()
-    for src in re.findall(r"^COPY (\S+)", text, re.M):
+    copied = [
+        src
+        for line in re.findall(r"^COPY (.+)$", text, re.M)
+        for src in line.split()[:-1]
+    ]
+    for src in copied:
         assert (ROOT / src).exists(), src
+    # setup.py builds the native ingestion paths; without it an image runs the
+    # pure-Python ones
+    assert "setup.py" in copied
+    assert re.search(r'python -c "import client\._native, client\._pii"', text)
     assert "torch==2.13.0" in text
     assert "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1" in text
     assert f"EXPOSE {DEFAULT_PORT}" in text
