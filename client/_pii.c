@@ -726,6 +726,25 @@ static int scrub_one(const uint8_t *s, ssz len, Buf *b, ssz counts[NTYPES]) {
     return replaced;
 }
 
+/* The patterns this matcher implements, exactly as client.pii.BUILTIN writes them:
+ * client.pii uses scrub_ascii only while the two agree, and a test compares them, so
+ * a pattern edited on one side only cannot change what is scrubbed unnoticed. */
+static const char *const IMPLEMENTED[][2] = {
+    {"PRIVATE_KEY", "-----BEGIN [A-Z ]*PRIVATE KEY-----[\\s\\S]*?-----END [A-Z ]*PRIVATE KEY-----"},
+    {"SECRET", "\\bAKIA[0-9A-Z]{16}\\b"},
+    {"SECRET", "\\bgh[pousr]_[A-Za-z0-9]{30,}\\b"},
+    {"SECRET", "\\bxox[abprs]-[A-Za-z0-9-]{10,}"},
+    {"SECRET", "\\bsk-[A-Za-z0-9_-]{20,}"},
+    {"SECRET", "\\beyJ[A-Za-z0-9_-]{8,}\\.[A-Za-z0-9_-]{8,}\\.[A-Za-z0-9_-]{8,}"},
+    {"SECRET", "\\b(?i:password|passwd|pwd|secret|api[_-]?key|access[_-]?token|token)[\\\"']?\\s*[:=]\\s*[\\\"']?[^\\s\\\"',;]{4,}"},
+    {"EMAIL", "[A-Za-z0-9._%+-]+@[A-Za-z0-9-]+(?:\\.[A-Za-z0-9-]+)*\\.[A-Za-z]{2,}"},
+    {"IBAN", "\\b[A-Z]{2}\\d{2}(?: ?[A-Z0-9]){11,30}\\b"},
+    {"CARD", "(?<![\\w.])\\d(?:[ -]?\\d){12,18}(?![\\w])"},
+    {"IP", "(?<![\\w.])(?:(?:25[0-5]|2[0-4]\\d|1\\d\\d|[1-9]?\\d)\\.){3}(?:25[0-5]|2[0-4]\\d|1\\d\\d|[1-9]?\\d)(?![\\w.])"},
+    {"IP", "(?<![\\w:])(?:[0-9A-Fa-f]{1,4}:){7}[0-9A-Fa-f]{1,4}(?![\\w:])"},
+    {"PHONE", "(?<![\\w+])\\+?\\(?\\d{1,4}\\)?(?:[ .-]?\\(?\\d{1,4}\\)?){2,5}(?![\\w])"},
+};
+
 static PyObject *py_scrub_ascii(PyObject *self, PyObject *texts) {
     if (!PyList_Check(texts)) {
         PyErr_SetString(PyExc_TypeError, "scrub_ascii() takes a list of str");
@@ -819,5 +838,25 @@ PyMODINIT_FUNC PyInit__pii(void) {
             if (!type_names[t]) return NULL;
         }
     }
-    return PyModule_Create(&pii_module);
+    PyObject *m = PyModule_Create(&pii_module);
+    if (!m) return NULL;
+    ssz n = (ssz)(sizeof IMPLEMENTED / sizeof IMPLEMENTED[0]);
+    PyObject *patterns = PyTuple_New(n);
+    if (!patterns) goto fail;
+    for (ssz i = 0; i < n; i++) {
+        PyObject *pair = Py_BuildValue("(ss)", IMPLEMENTED[i][0], IMPLEMENTED[i][1]);
+        if (!pair) {
+            Py_DECREF(patterns);
+            goto fail;
+        }
+        PyTuple_SET_ITEM(patterns, i, pair);
+    }
+    if (PyModule_AddObject(m, "BUILTIN", patterns) < 0) {
+        Py_DECREF(patterns);
+        goto fail;
+    }
+    return m;
+fail:
+    Py_DECREF(m);
+    return NULL;
 }

@@ -516,3 +516,16 @@ def test_str_subclass_is_scrubbed():
     assert scrub_ascii([Text("mail a@b.cc")]) == [("mail [EMAIL]", {"EMAIL": 1})]
     ((text, counts),) = scrub_ascii([Text("plain")])
     assert (text, counts) == want(Text("plain")) and type(text) is str
+
+
+def test_the_matcher_implements_exactly_the_builtin_patterns():
+    """The C matcher carries the pattern texts it implements; client.pii uses it only
+    while they are client.pii.BUILTIN, so a pattern edited on one side fails here
+    and leaves the re path alone at run time."""
+    from client import _pii
+
+    assert pii._implements_builtin(_pii.BUILTIN)
+    assert pii.scrub_ascii is scrub_ascii  # so the native path is on
+    edited = [*pii.BUILTIN[:-1], ("PHONE", pii.BUILTIN[-1][1] + "x")]
+    assert not pii._implements_builtin(tuple(map(tuple, edited)))
+    assert not pii._implements_builtin(_pii.BUILTIN[:-1])
