@@ -134,18 +134,24 @@ _PIECES = [
 ]
 
 
-def test_batch_screen_gives_exactly_the_full_alternation():
-    """The screens only skip work: every text comes out as the one-pass alternation
-    over all patterns makes it, placeholders and counts alike."""
+def joined_pieces(seed: int, n: int, pieces: list[str] = _PIECES) -> list[str]:
+    """``n`` texts of 1-6 pieces, their spaces sometimes replaced by other glue."""
     import random
 
-    rng = random.Random(7)
+    rng = random.Random(seed)
     texts = []
-    for _ in range(3000):
-        text = " ".join(rng.choice(_PIECES) for _ in range(rng.randint(1, 6)))
+    for _ in range(n):
+        text = " ".join(rng.choice(pieces) for _ in range(rng.randint(1, 6)))
         if rng.random() < 0.4:
             text = text.replace(" ", rng.choice(["", "-", ".", ",", "\n"]))
         texts.append(text)
+    return texts
+
+
+def test_batch_screen_gives_exactly_the_full_alternation():
+    """The screens only skip work: every text comes out as the one-pass alternation
+    over all patterns makes it, placeholders and counts alike."""
+    texts = joined_pieces(7, 3000)
     for scrubber in (Scrubber(), Scrubber({"emp": r"EMP-\d{6}", "ab": r"(a)\1b"})):
         for start in range(0, len(texts), 250):
             chunk = texts[start : start + 250]
