@@ -233,25 +233,19 @@ class Scrubber:
         """``scrub`` of each text; the texts that cannot hold PII are found with one
         native scan of the batch and come back as they are."""
         flagged = self._screen(texts)
+        native: dict[int, Scrubbed] = {}
         if scrub_ascii is not None and self.n_extra == 0 and flagged:
             # Exact: scrub_ascii gives _scrub(text, self.regex) (the one-pass
             # alternation of BUILTIN, which scrub equals: its screens only skip work)
             # for ASCII text, with re's backtracking order and the same checksums;
-            # None for other text (Unicode \d, \w, \s, case folding): the Python path.
+            # None for other text (Unicode \d, \w, \s, case folding): scrub below.
             order = sorted(flagged)
-            native = scrub_ascii([texts[i] for i in order])
-            done = {
-                i: self.scrub(texts[i])
-                if got is None
-                else Scrubbed(got[0], Counter(got[1]) if got[1] else NO_PII)
-                for i, got in zip(order, native, strict=True)
-            }
-            return [
-                done[i] if i in done else Scrubbed(t, NO_PII)
-                for i, t in enumerate(texts)
-            ]
+            results = scrub_ascii([texts[i] for i in order])
+            for i, got in zip(order, results, strict=True):
+                if got is not None:
+                    native[i] = Scrubbed(got[0], Counter(got[1]) if got[1] else NO_PII)
         return [
-            self.scrub(t) if i in flagged else Scrubbed(t, NO_PII)
+            native.get(i) or (self.scrub(t) if i in flagged else Scrubbed(t, NO_PII))
             for i, t in enumerate(texts)
         ]
 

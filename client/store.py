@@ -188,8 +188,8 @@ class Store:
             self.db.execute(f"PRAGMA synchronous={synchronous}")
             # Checkpoint the WAL every ~40 MB instead of SQLite's ~4 MB: the random
             # dedup-key indexes dirty hundreds of pages a batch, and each checkpoint
-            # copies them back (bench/RESULTS.md, "store rows": +30% at 100,000
-            # records). Durability is the WAL's either way.
+            # copies them back (bench/RESULTS.md, "store rows": +15-20% at
+            # 100,000 records). Durability is the WAL's either way.
             self.db.execute(f"PRAGMA wal_autocheckpoint={WAL_AUTOCHECKPOINT_PAGES}")
             self._create_or_migrate()
         except sqlite3.DatabaseError as err:
