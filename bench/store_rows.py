@@ -5,12 +5,15 @@ table per layout, in batches of 256 in one transaction each (``synchronous=FULL`
 WAL), layouts interleaved batch by batch; CPU per record (``time.process_time``,
 Python's sqlite3 binding included, as in the store). Layouts:
 
-* ``store``: the records table of client/store.py (layout 2: AUTOINCREMENT, a UNIQUE
-  index on the 16-byte rid, an index on the 16-byte content hash);
+* ``store``: the records table of client/store.py's layout 2 (AUTOINCREMENT, a
+  UNIQUE index on the 16-byte rid, an index on the 16-byte content hash);
 * ``no_autoincrement``: the same without AUTOINCREMENT;
 * ``no_indexes``: the same columns without the two indexes (exact dedup would then
   need another structure);
 * ``int64_keys``: both indexes on 64-bit integers instead of 16-byte blobs;
+* ``sorted_runs``: ``no_indexes`` plus the dedup keys as the store keeps them since
+  layout 3: a sorted run a batch, merged level by level (``Store._add_run``,
+  ``Store._compact``);
 * ``bare``: ``(seq INTEGER PRIMARY KEY, data BLOB)``, bench/ingest.py's storage limit.
 
 Usage: ``python bench/store_rows.py [--batches 80] [--batch 256]``. Prints JSON.
@@ -22,9 +25,13 @@ import argparse
 import json
 import os
 import sqlite3
+import sys
 import tempfile
 import time
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from client.store import _TABLES, Store
 
 _COLS = (
     "grp BLOB NOT NULL, arrived REAL NOT NULL, ts REAL NOT NULL, "
@@ -52,6 +59,11 @@ LAYOUTS = {
         "seq INTEGER PRIMARY KEY AUTOINCREMENT, rid INTEGER NOT NULL UNIQUE, "
         f"chash INTEGER NOT NULL, {_COLS}",
         True,
+    ),
+    "sorted_runs": (
+        f"seq INTEGER PRIMARY KEY AUTOINCREMENT, rid BLOB NOT NULL, "
+        f"chash BLOB NOT NULL, {_COLS}",
+        False,
     ),
     "bare": ("seq INTEGER PRIMARY KEY, data BLOB NOT NULL", False),
 }
@@ -85,6 +97,9 @@ def main() -> None:
             db.execute(f"CREATE TABLE r({columns})")
             if chash_index:
                 db.execute("CREATE INDEX r_chash ON r(chash)")
+            if name == "sorted_runs":
+                for table in ("dedup", "dedup_runs"):
+                    db.execute(f"CREATE TABLE {_TABLES[table]}")
             conns[name] = db
         for _ in range(args.batches):
             rows = [
@@ -113,6 +128,12 @@ def main() -> None:
                 t0 = time.process_time()
                 db.execute("BEGIN IMMEDIATE")
                 db.executemany(sql, params)
+                if name == "sorted_runs":  # as Store.commit: one run, then merges
+                    run = db.execute("SELECT last_insert_rowid()").fetchone()[0]
+                    keys = [b"r" + r[0] for r in rows] + [b"c" + r[1] for r in rows]
+                    cur = db.cursor()
+                    Store._add_run(cur, run, 0, b"".join(sorted(keys)))
+                    Store._compact(cur)
                 db.execute("COMMIT")
                 spent[name] += time.process_time() - t0
         for db in conns.values():

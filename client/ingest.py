@@ -43,7 +43,7 @@ except ImportError:  # not built (a Flower App bundle ships sources): same, slow
         token_hashes,
     )
 from client.gate import Clean, Gate, Rejected, normalise
-from client.store import Batch, Store
+from client.store import Batch, Conflict, Store, StoreError
 
 __all__ = ["DUPLICATE", "QUARANTINED", "STORED", "Ack", "Ingestor"]
 
@@ -58,6 +58,7 @@ class Ack(NamedTuple):
 
 
 _ALREADY_STORED = Ack(DUPLICATE, "already stored")
+_CONFLICT_TRIES = 8  # another writer storing at the same moment: decide again
 # 2**26 bits (8 MiB), 4 probes: false positives about 1 in 5,000 at a million stored
 # records (two keys each), 1 in 4 at ten million; only the speed changes with them.
 KNOWN_FILTER_LOG2, KNOWN_FILTER_K = 26, 4
@@ -165,8 +166,9 @@ class Ingestor:
         self._load_known()
         self._rebuild()
 
-    def _load_known(self) -> None:
-        """Add the dedup keys of records stored since the last load to the filter."""
+    def _load_known(self, top: int | None = None) -> None:
+        """Add the dedup keys of records stored since the last load to the filter
+        (at least those up to ``top``)."""
         cur = self.store.db.execute(
             "SELECT seq, rid, chash FROM records WHERE seq > ? ORDER BY seq",
             (self._filtered_upto,),
@@ -174,6 +176,7 @@ class Ingestor:
         while rows := cur.fetchmany(4096):
             self.known_filter.add([r[1] for r in rows] + [r[2] for r in rows])
             self._filtered_upto = int(rows[-1][0])
+        self._filtered_upto = max(self._filtered_upto, top or 0)
 
     def _rebuild(self) -> None:
         """Reload the near-duplicate horizon from the newest stored records."""
@@ -207,7 +210,15 @@ class Ingestor:
         nothing written when the store is full.
         """
         with self.lock:
-            return self._submit(items, offsets or {})
+            for _ in range(_CONFLICT_TRIES):
+                try:
+                    return self._submit(items, offsets or {})
+                except Conflict:  # nothing written; the filter catches up first
+                    continue
+        raise StoreError(
+            f"another writer kept storing records in {self.store.path}: gave up "
+            f"after {_CONFLICT_TRIES} tries, nothing of this batch was written"
+        )
 
     def _submit(
         self, items: list[tuple[bytes | dict[str, Any], str]], offsets: dict[str, str]
@@ -246,8 +257,12 @@ class Ingestor:
             for j, (pos, clean, source) in enumerate(passed)
         ]
 
-        if self.store.max_seq() > self._filtered_upto:
-            self._load_known()  # stored since (by us, or by another process)
+        # Decided against what is stored up to ``top``: a record stored by another
+        # writer after it makes the commit raise Conflict, and the batch is decided
+        # again.
+        top = batch.decided_at = self.store.high_water()
+        if top > self._filtered_upto:
+            self._load_known(top)  # stored since (by us, or by another process)
         maybe = self.known_filter.maybe
         known_rids = self.store.known(maybe([c[2] for c in cleans]))
         known_content = self.store.content_known(maybe([c[3] for c in cleans]))

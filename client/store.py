@@ -7,6 +7,16 @@ row's dedup key is its associated data, so a payload cannot be moved to another 
 Dedup keys and balancing groups are keyed hashes (HMAC with a key derived from the store
 key): nothing in the file is plaintext of a record.
 
+Exact dedup over the whole history: every stored record's two dedup keys (its rid and
+its content hash) are kept in sorted runs, a small log-structured merge tree inside the
+same file (``dedup``: blocks of ``DEDUP_BLOCK_KEYS`` sorted keys; ``dedup_runs``: one
+row a run). A batch appends one run of its own keys, written in key order, and
+``DEDUP_FANOUT`` runs of one level are merged into one run of the next, in the same
+transaction. Unlike an index over random keys, no insert lands on a random page: a
+batch writes a few new pages instead of dirtying hundreds (bench/RESULTS.md, "store
+rows"). A lookup reads one block a run; the ingestor asks only about keys its Bloom
+filter may hold.
+
 Durability: a batch is one transaction; ``commit`` returns only after SQLite has
 committed it (``synchronous=FULL`` by default), so an acknowledged record survives
 ``kill -9`` and power loss. At the disk quota a whole batch is refused and nothing of
@@ -39,6 +49,7 @@ except ImportError:  # not built (a Flower App bundle ships sources): hmac per i
     keyed_hashes = None  # type: ignore[assignment]
 
 __all__ = [
+    "Conflict",
     "KeyError_",
     "QuotaExceeded",
     "Store",
@@ -50,17 +61,20 @@ __all__ = [
 KEY_ENV = "FEDSTREAM_STORE_KEY"
 _CHECK = b"fedstream store key check v1"
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 WAL_AUTOCHECKPOINT_PAGES = 10_000
+# Dedup keys: b"r" + rid or b"c" + content hash; 224 of them fill a 4 KiB page.
+KEY_WIDTH, DEDUP_BLOCK_KEYS, DEDUP_FANOUT = 17, 224, 8
 
 # Version 2: the 12-byte nonce leads the payload (no nonce or nbytes columns) and
 # records have no (retired, seq) index: every ledger query scans live records by seq
 # anyway, and each column and index costs every insert (bench/RESULTS.md).
+# Version 3: no index on rid or chash; the dedup keys live in sorted runs (above).
 _TABLES = {
     "meta": "meta(key TEXT PRIMARY KEY, value BLOB NOT NULL)",
     "records": """records(
     seq INTEGER PRIMARY KEY AUTOINCREMENT,
-    rid BLOB NOT NULL UNIQUE,          -- keyed hash of producer id, else of content
+    rid BLOB NOT NULL,                 -- keyed hash of producer id, else of content
     chash BLOB NOT NULL,               -- keyed hash of normalised content
     grp BLOB NOT NULL,                 -- keyed hash of label/first tag (balancing)
     arrived REAL NOT NULL,
@@ -84,14 +98,26 @@ _TABLES = {
     PRIMARY KEY (elig, queries)
 )""",
     "offsets": "offsets(source TEXT PRIMARY KEY, value TEXT NOT NULL)",
+    "dedup": """dedup(
+    run INTEGER NOT NULL,
+    first BLOB NOT NULL,               -- the block's first key
+    keys BLOB NOT NULL,                -- up to DEDUP_BLOCK_KEYS sorted keys
+    PRIMARY KEY (run, first)
+)""",
+    "dedup_runs": "dedup_runs(run INTEGER PRIMARY KEY, level INTEGER NOT NULL)",
 }
-_INDEXES = ["CREATE INDEX IF NOT EXISTS records_chash ON records(chash)"]
-# Version 1 -> 2: the same rows, nonce || payload in one column (|| makes text of
-# the bytes; the cast gives them back as a blob, unchanged).
-_MIGRATE_V1 = {
-    "records": "seq, rid, chash, grp, arrived, ts, CAST(nonce || payload AS BLOB), "
-    "elig, queries, retired",
-    "quarantine": "seq, arrived, reason, source, CAST(nonce || payload AS BLOB)",
+# Version 1 -> 3: the same rows, nonce || payload in one column (|| makes text of
+# the bytes; the cast gives them back as a blob, unchanged). 2 -> 3: the same rows
+# in a records table without the rid and chash indexes.
+_MIGRATE = {
+    1: {
+        "records": "seq, rid, chash, grp, arrived, ts, "
+        "CAST(nonce || payload AS BLOB), elig, queries, retired",
+        "quarantine": "seq, arrived, reason, source, CAST(nonce || payload AS BLOB)",
+    },
+    2: {
+        "records": "seq, rid, chash, grp, arrived, ts, payload, elig, queries, retired"
+    },
 }
 
 
@@ -105,6 +131,35 @@ class KeyError_(StoreError):
 
 class QuotaExceeded(StoreError):
     """Storing the batch would exceed the disk quota; nothing was written."""
+
+
+class Conflict(StoreError):
+    """Another writer stored records after the batch's duplicates were decided;
+    nothing was written (decide again and retry)."""
+
+
+def _sorted_keys(keys: list[bytes]) -> bytes:
+    """The distinct keys, sorted, as one blob."""
+    return b"".join(sorted(set(keys)))
+
+
+def _split(blob: bytes) -> list[bytes]:
+    return [blob[i : i + KEY_WIDTH] for i in range(0, len(blob), KEY_WIDTH)]
+
+
+def _block_has(block: bytes, key: bytes) -> bool:
+    """Binary search of a block of sorted keys."""
+    lo, hi = 0, len(block) // KEY_WIDTH
+    while lo < hi:
+        mid = (lo + hi) // 2
+        got = block[mid * KEY_WIDTH : (mid + 1) * KEY_WIDTH]
+        if got == key:
+            return True
+        if got < key:
+            lo = mid + 1
+        else:
+            hi = mid
+    return False
 
 
 def load_key(key_file: Path | None, *, create: bool = True) -> bytes:
@@ -163,6 +218,9 @@ class Batch:
     quarantine: list[tuple[str, str, bytes]] = field(default_factory=list)
     counters: dict[str, int] = field(default_factory=dict)
     offsets: dict[str, str] = field(default_factory=dict)
+    # The records' high-water seq when their duplicates were decided: if another
+    # writer stored records since, ``commit`` raises ``Conflict`` (None: no check).
+    decided_at: int | None = None
 
     def count(self, name: str, n: int = 1) -> None:
         self.counters[name] = self.counters.get(name, 0) + n
@@ -217,14 +275,14 @@ class Store:
                     f"fedstream's {SCHEMA_VERSION}; upgrade fedstream"
                 )
             for name, table in _TABLES.items():
-                if version == 1 and name in _MIGRATE_V1:
-                    self._migrate_v1(cur, name, table)
+                if name in _MIGRATE.get(version, {}):
+                    self._rebuild_table(cur, name, table, _MIGRATE[version][name])
                 else:
                     cur.execute(f"CREATE TABLE IF NOT EXISTS {table}")
-            if version == 1:
+            if version < SCHEMA_VERSION:
                 cur.execute("DROP INDEX IF EXISTS records_live")
-            for index in _INDEXES:
-                cur.execute(index)
+                cur.execute("DROP INDEX IF EXISTS records_chash")
+                self._rebuild_dedup(cur)
             cur.execute(
                 "INSERT INTO meta VALUES('schema_version', ?) ON CONFLICT(key) "
                 "DO UPDATE SET value = excluded.value",
@@ -236,19 +294,109 @@ class Store:
             raise
 
     @staticmethod
-    def _migrate_v1(cur: sqlite3.Cursor, name: str, table: str) -> None:
+    def _rebuild_table(
+        cur: sqlite3.Cursor, name: str, table: str, columns: str
+    ) -> None:
         # AUTOINCREMENT: the new table continues the old one's sequence, so a seq
         # is never handed out twice (the ledger keys records by seq).
         row = cur.execute(
             "SELECT seq FROM sqlite_sequence WHERE name=?", (name,)
         ).fetchone()
-        cur.execute(f"CREATE TABLE {table.replace(name, name + '_v2', 1)}")
-        cur.execute(f"INSERT INTO {name}_v2 SELECT {_MIGRATE_V1[name]} FROM {name}")
+        cur.execute(f"CREATE TABLE {table.replace(name, name + '_new', 1)}")
+        cur.execute(f"INSERT INTO {name}_new SELECT {columns} FROM {name}")
         cur.execute(f"DROP TABLE {name}")
-        cur.execute(f"ALTER TABLE {name}_v2 RENAME TO {name}")
+        cur.execute(f"ALTER TABLE {name}_new RENAME TO {name}")
         if row is not None:
             cur.execute("DELETE FROM sqlite_sequence WHERE name=?", (name,))
             cur.execute("INSERT INTO sqlite_sequence VALUES(?, ?)", (name, row[0]))
+
+    # -- dedup keys: sorted runs ------------------------------------------------------
+    @staticmethod
+    def _add_run(cur: sqlite3.Cursor, run: int, level: int, keys: bytes) -> None:
+        step = KEY_WIDTH * DEDUP_BLOCK_KEYS
+        cur.executemany(
+            "INSERT INTO dedup VALUES (?, ?, ?)",
+            [
+                (run, keys[i : i + KEY_WIDTH], keys[i : i + step])
+                for i in range(0, len(keys), step)
+            ],
+        )
+        cur.execute("INSERT INTO dedup_runs VALUES (?, ?)", (run, level))
+
+    @staticmethod
+    def _run_keys(cur: sqlite3.Cursor, run: int) -> bytes:
+        rows = cur.execute("SELECT keys FROM dedup WHERE run=? ORDER BY first", (run,))
+        return b"".join(r[0] for r in rows)
+
+    @staticmethod
+    def _compact(cur: sqlite3.Cursor) -> None:
+        """Merge every ``DEDUP_FANOUT`` runs of a level into one of the next."""
+        while True:
+            full = cur.execute(
+                "SELECT level FROM dedup_runs GROUP BY level HAVING COUNT(*) >= ? "
+                "ORDER BY level LIMIT 1",
+                (DEDUP_FANOUT,),
+            ).fetchone()
+            if full is None:
+                return
+            runs = [
+                int(r[0])
+                for r in cur.execute(
+                    "SELECT run FROM dedup_runs WHERE level=? ORDER BY run", (full[0],)
+                )
+            ]
+            merged = _sorted_keys(
+                [k for run in runs for k in _split(Store._run_keys(cur, run))]
+            )
+            marks = ",".join("?" * len(runs))
+            cur.execute(f"DELETE FROM dedup WHERE run IN ({marks})", runs)
+            cur.execute(f"DELETE FROM dedup_runs WHERE run IN ({marks})", runs)
+            Store._add_run(cur, runs[-1], int(full[0]) + 1, merged)
+
+    def _rebuild_dedup(self, cur: sqlite3.Cursor) -> None:
+        """The dedup keys of the records stored now, as one run (migration, purge)."""
+        cur.execute("DELETE FROM dedup")
+        cur.execute("DELETE FROM dedup_runs")
+        keys: list[bytes] = []
+        for rid, chash in cur.execute("SELECT rid, chash FROM records"):
+            keys += (b"r" + rid, b"c" + chash)
+        if keys:
+            # its own level, above any the batches' runs reach by merging
+            self._add_run(cur, self._high_water(cur), 1_000, _sorted_keys(keys))
+
+    @staticmethod
+    def _high_water(cur: sqlite3.Cursor | sqlite3.Connection) -> int:
+        row = cur.execute(
+            "SELECT seq FROM sqlite_sequence WHERE name='records'"
+        ).fetchone()
+        return 0 if row is None else int(row[0])
+
+    def high_water(self) -> int:
+        """The largest seq ever handed out (records purged since included)."""
+        return self._high_water(self.db)
+
+    def _stored_keys(self, keys: list[bytes]) -> set[bytes]:
+        if not keys:
+            return set()
+        found: set[bytes] = set()
+        cur = self.db.cursor()
+        # one snapshot: a merge by another writer cannot move keys between reads
+        cur.execute("BEGIN")
+        try:
+            runs = [r[0] for r in cur.execute("SELECT run FROM dedup_runs")]
+            for key in keys:
+                for run in runs:
+                    row = cur.execute(
+                        "SELECT keys FROM dedup WHERE run=? AND first<=? "
+                        "ORDER BY first DESC LIMIT 1",
+                        (run, key),
+                    ).fetchone()
+                    if row is not None and _block_has(row[0], key):
+                        found.add(key)
+                        break
+        finally:
+            cur.execute("COMMIT")
+        return found
 
     # -- keys -----------------------------------------------------------------------
     def _check_key(self) -> None:
@@ -295,22 +443,12 @@ class Store:
 
     # -- writes ---------------------------------------------------------------------
     def known(self, rids: Iterable[bytes]) -> set[bytes]:
-        rids = list(rids)
-        if not rids:
-            return set()
-        marks = ",".join("?" * len(rids))
-        rows = self.db.execute(f"SELECT rid FROM records WHERE rid IN ({marks})", rids)
-        return {r[0] for r in rows}
+        """The rids among ``rids`` that a stored record has."""
+        return {k[1:] for k in self._stored_keys([b"r" + r for r in rids])}
 
     def content_known(self, chashes: Iterable[bytes]) -> set[bytes]:
-        chashes = list(chashes)
-        if not chashes:
-            return set()
-        marks = ",".join("?" * len(chashes))
-        rows = self.db.execute(
-            f"SELECT chash FROM records WHERE chash IN ({marks})", chashes
-        )
-        return {r[0] for r in rows}
+        """The content hashes among ``chashes`` that a stored record has."""
+        return {k[1:] for k in self._stored_keys([b"c" + c for c in chashes])}
 
     def commit(self, batch: Batch) -> list[int]:
         """Write ``batch`` in one transaction; returns the new records' seq numbers.
@@ -342,6 +480,14 @@ class Store:
         cur = self.db.cursor()
         cur.execute("BEGIN IMMEDIATE")
         try:
+            if (
+                rows
+                and batch.decided_at is not None
+                and self._high_water(cur) != batch.decided_at
+            ):
+                raise Conflict(
+                    f"another writer stored records in {self.path} meanwhile"
+                )
             if rows:
                 cur.executemany(
                     "INSERT INTO records(rid, chash, grp, arrived, ts, payload) "
@@ -352,6 +498,9 @@ class Store:
                 # consecutive seqs, ending at the last one inserted.
                 last = int(cur.execute("SELECT last_insert_rowid()").fetchone()[0])
                 seqs = list(range(last - len(rows) + 1, last + 1))
+                keys = [b"r" + r[0] for r in rows] + [b"c" + r[1] for r in rows]
+                self._add_run(cur, last, 0, _sorted_keys(keys))
+                self._compact(cur)
             cur.executemany(
                 "INSERT INTO quarantine(arrived, reason, source, payload) "
                 "VALUES (?,?,?,?)",
@@ -537,6 +686,8 @@ class Store:
             )
             cur.execute("DELETE FROM records WHERE arrived < ?", (older_than,))
             removed = cur.rowcount
+            if removed:
+                self._rebuild_dedup(cur)
             cur.execute("DELETE FROM quarantine WHERE arrived < ?", (older_than,))
             cur.execute(
                 "INSERT INTO counters VALUES('purged', ?) ON CONFLICT(name) "

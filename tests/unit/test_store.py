@@ -187,6 +187,118 @@ def test_duplicates_stored_by_another_writer_are_still_found(tmp_path, near_impl
     assert c["received"] == c["stored"] + c["duplicates"] + c["quarantined"]
 
 
+def _runs(store):
+    """{run: (level, keys)} of the store's sorted dedup runs, checking each."""
+    from client.store import KEY_WIDTH
+
+    out = {}
+    for run, level in store.db.execute("SELECT run, level FROM dedup_runs"):
+        blocks = store.db.execute(
+            "SELECT first, keys FROM dedup WHERE run=? ORDER BY first", (run,)
+        ).fetchall()
+        keys = [b[i : i + KEY_WIDTH] for _, b in blocks for i in range(0, len(b), 17)]
+        assert all(first == b[:KEY_WIDTH] for first, b in blocks)
+        assert keys == sorted(set(keys)), f"run {run} is not sorted and distinct"
+        out[run] = (level, keys)
+    return out
+
+
+def test_dedup_keys_live_in_sorted_runs_merged_level_by_level(tmp_path, monkeypatch):
+    """Every batch adds one sorted run of its records' keys; FANOUT runs of a level
+    become one of the next; after every commit each stored record's rid and content
+    hash are in exactly one run, lookups find them, and absent keys are not found."""
+    import client.store
+    from client.store import DEDUP_FANOUT, KEY_WIDTH
+
+    monkeypatch.setattr(client.store, "DEDUP_BLOCK_KEYS", 5)  # many blocks a run
+    store = _open(tmp_path)
+    ing = Ingestor(store)
+    texts = [f"{t} batch note {i}" for i, t in enumerate(_texts(3 * 70))]
+    levels_seen = set()
+    for b in range(70):
+        batch = texts[3 * b : 3 * b + 3]
+        acks = ing.submit(
+            [
+                (json.dumps({"text": t, "id": f"k{b}.{j}"}).encode(), "t")
+                for j, t in enumerate(batch)
+            ]
+        )
+        assert {a.status for a in acks} == {"STORED"}
+        runs = _runs(store)
+        per_level = {}
+        for level, _ in runs.values():
+            per_level[level] = per_level.get(level, 0) + 1
+        assert max(per_level.values()) < DEDUP_FANOUT
+        levels_seen |= set(per_level)
+        keys = [k for _, ks in runs.values() for k in ks]
+        assert len(keys) == len(set(keys)) == 2 * 3 * (b + 1)
+    assert levels_seen >= {0, 1, 2}  # 70 batches: runs of 1, 8 and 64 batches
+    stored = list(store.db.execute("SELECT rid, chash FROM records"))
+    assert store.known([r for r, _ in stored]) == {r for r, _ in stored}
+    assert store.content_known([c for _, c in stored]) == {c for _, c in stored}
+    absent = [os.urandom(KEY_WIDTH - 1) for _ in range(50)]
+    assert store.known(absent) == store.content_known(absent) == set()
+    # rids are not content hashes: the kinds do not answer for each other
+    assert store.known([c for _, c in stored[:5]]) == set()
+    again = ing.submit([(json.dumps({"text": texts[0], "id": "k0.0"}).encode(), "t")])
+    assert again[0].status == "DUPLICATE"
+    store.close()
+
+
+def test_purge_removes_the_dedup_keys_of_purged_records(tmp_path):
+    """Retention deletes records and their dedup keys: a purged record, redelivered,
+    is new again; the records kept are still found."""
+    store = _open(tmp_path)
+    ing = Ingestor(store)
+    old = [
+        (json.dumps({"text": t, "id": f"o{i}"}).encode(), "t")
+        for i, t in enumerate(_texts(10))
+    ]
+    ing.submit(old)
+    store.db.execute("UPDATE records SET arrived = 1.0 WHERE seq <= 4")
+    assert store.purge(older_than=2.0) == 4
+    runs = _runs(store)
+    assert len(runs) == 1 and len(next(iter(runs.values()))[1]) == 2 * 6
+    acks = Ingestor(store).submit([old[0], old[9]])
+    assert [a.status for a in acks] == ["STORED", "DUPLICATE"]
+    store.close()
+
+
+def test_a_record_stored_by_another_writer_meanwhile_is_decided_again(tmp_path):
+    """Duplicates are decided before the commit: if another writer stores the same
+    record in between, the commit refuses (nothing written) and the batch is
+    decided again, so the record is stored once."""
+    from client.store import Conflict
+
+    store = _open(tmp_path)
+    other = _open(tmp_path)
+    ing = Ingestor(store)
+    record = (json.dumps({"text": "a note on the night shift handover"}).encode(), "t")
+    fresh = (
+        json.dumps({"text": "another note on ward rounds", "id": "x"}).encode(),
+        "t",
+    )
+    real_commit = store.commit
+    raced = []
+
+    def commit_after_the_other_writer(batch):
+        if not raced:
+            raced.append(Ingestor(other).submit([record])[0].status)
+        try:
+            return real_commit(batch)
+        except Conflict:
+            raced.append("conflict")
+            raise
+
+    store.commit = commit_after_the_other_writer
+    acks = ing.submit([record, fresh])
+    assert raced == ["STORED", "conflict"]
+    assert [a.status for a in acks] == ["DUPLICATE", "STORED"]
+    assert store.count() == 2
+    store.close()
+    other.close()
+
+
 def test_near_duplicates_are_quarantined_and_horizon_survives_restart(
     tmp_path, near_impl
 ):
@@ -350,19 +462,32 @@ CREATE TABLE quarantine(
 """
 
 
-def test_a_store_of_layout_1_is_migrated_on_open(tmp_path):
-    """A store written with the first layout (nonce and nbytes columns) opens: its
-    records, quarantine, ledger columns and seq sequence carry over, it still
-    deduplicates against them, and it says it is at layout 2."""
+_V2_RECORDS = """
+CREATE TABLE records(
+    seq INTEGER PRIMARY KEY AUTOINCREMENT, rid BLOB NOT NULL UNIQUE,
+    chash BLOB NOT NULL, grp BLOB NOT NULL, arrived REAL NOT NULL, ts REAL NOT NULL,
+    payload BLOB NOT NULL, elig INTEGER NOT NULL DEFAULT 0,
+    queries INTEGER NOT NULL DEFAULT 0, retired INTEGER NOT NULL DEFAULT 0
+);
+CREATE INDEX records_chash ON records(chash);
+"""
+
+
+@pytest.mark.parametrize("layout", [1, 2])
+def test_a_store_of_an_older_layout_is_migrated_on_open(tmp_path, layout):
+    """A store written with layout 1 (nonce and nbytes columns) or 2 (indexes on the
+    dedup keys, no sorted runs) opens: its records, quarantine, ledger columns and
+    seq sequence carry over, it still deduplicates against them (ids and content),
+    and it says it is at layout 3."""
     import sqlite3
 
     from client.store import SCHEMA_VERSION
 
     store = _open(tmp_path)
-    texts = _texts(6)
+    texts = _texts(7)
     items = [
         (json.dumps({"text": t, "id": f"r{i}"}).encode(), "t")
-        for i, t in enumerate(texts)
+        for i, t in enumerate(texts[:6])
     ]
     Ingestor(store).submit([*items, (b"not json", "t")])
     store.apply_round(top=6, retire=[], eligible=[2, 3], meta={})
@@ -370,7 +495,7 @@ def test_a_store_of_layout_1_is_migrated_on_open(tmp_path):
     before = [(r.seq, r.content, r.elig) for r in store.iter_records()]
     quarantined = list(store.quarantined())
     store.close()
-    # Rewrite the file in layout 1, as the first release wrote it.
+    # Rewrite the file in the old layout, as that release wrote it.
     db = sqlite3.connect(tmp_path / "store.db", isolation_level=None)
     rows = db.execute(
         "SELECT seq, rid, chash, grp, arrived, ts, payload, elig, queries, retired "
@@ -379,40 +504,58 @@ def test_a_store_of_layout_1_is_migrated_on_open(tmp_path):
     qrows = db.execute("SELECT seq, arrived, reason, source, payload FROM quarantine")
     qrows = qrows.fetchall()
     db.execute("DELETE FROM records WHERE seq = 6")  # the newest seq is gone
-    db.executescript(
-        "BEGIN; ALTER TABLE records RENAME TO r2; ALTER TABLE quarantine RENAME TO q2;"
-        "DROP TABLE r2; DROP TABLE q2; DELETE FROM meta WHERE key='schema_version';"
-        + _V1_SCHEMA.replace(
-            "CREATE TABLE meta(key TEXT PRIMARY KEY, value BLOB NOT NULL);", ""
+    kept = [r for r in rows if r[0] != 6]
+    if layout == 1:
+        db.executescript(
+            "BEGIN; ALTER TABLE records RENAME TO r2; ALTER TABLE quarantine RENAME "
+            "TO q2; DROP TABLE r2; DROP TABLE q2; DROP TABLE dedup; "
+            "DROP TABLE dedup_runs; DELETE FROM meta WHERE key='schema_version';"
+            + _V1_SCHEMA.replace(
+                "CREATE TABLE meta(key TEXT PRIMARY KEY, value BLOB NOT NULL);", ""
+            )
+            + "COMMIT;"
         )
-        + "COMMIT;"
-    )
-    db.executemany(
-        "INSERT INTO records VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
-        [
-            (*r[:6], len(r[6]) - 12, r[6][:12], r[6][12:], *r[7:])
-            for r in rows
-            if r[0] != 6
-        ],
-    )
-    db.executemany(
-        "INSERT INTO quarantine VALUES (?,?,?,?,?,?,?)",
-        [(*q[:4], len(q[4]) - 12, q[4][:12], q[4][12:]) for q in qrows],
-    )
+        db.executemany(
+            "INSERT INTO records VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
+            [(*r[:6], len(r[6]) - 12, r[6][:12], r[6][12:], *r[7:]) for r in kept],
+        )
+        db.executemany(
+            "INSERT INTO quarantine VALUES (?,?,?,?,?,?,?)",
+            [(*q[:4], len(q[4]) - 12, q[4][:12], q[4][12:]) for q in qrows],
+        )
+    else:
+        db.executescript(
+            "BEGIN; ALTER TABLE records RENAME TO r2; DROP TABLE r2; "
+            "DROP TABLE dedup; DROP TABLE dedup_runs; "
+            "UPDATE meta SET value = CAST('2' AS BLOB) WHERE key='schema_version';"
+            + _V2_RECORDS
+            + "COMMIT;"
+        )
+        db.executemany("INSERT INTO records VALUES (?,?,?,?,?,?,?,?,?,?)", kept)
     db.execute("UPDATE sqlite_sequence SET seq = 6 WHERE name = 'records'")
     db.close()
 
     store = _open(tmp_path)
-    assert store.meta_int("schema_version") == SCHEMA_VERSION == 2
+    assert store.meta_int("schema_version") == SCHEMA_VERSION == 3
     cols = [r[1] for r in store.db.execute("PRAGMA table_info(records)")]
     assert "nonce" not in cols and "nbytes" not in cols
+    indexes = [
+        r[0]
+        for r in store.db.execute("SELECT name FROM sqlite_master WHERE type='index'")
+    ]
+    assert not [i for i in indexes if "records" in i], indexes
     assert [(r.seq, r.content, r.elig) for r in store.iter_records()] == before[:5]
     assert list(store.quarantined()) == quarantined
+    copy = (json.dumps({"text": texts[1], "id": "other"}).encode(), "t")
     acks = Ingestor(store).submit(
-        [items[0], (json.dumps({"text": "fresh"}).encode(), "t")]
+        [items[0], copy, (json.dumps({"text": texts[6]}).encode(), "t")]
     )
-    assert [a.status for a in acks] == ["DUPLICATE", "STORED"]
-    assert acks[1].seq == 7  # seq 6 was handed out once; never again
+    assert [(a.status, a.reason) for a in acks] == [
+        ("DUPLICATE", "already stored"),
+        ("QUARANTINED", "duplicate"),
+        ("STORED", ""),
+    ]
+    assert acks[2].seq == 7  # seq 6 was handed out once; never again
     store.close()
     _open(tmp_path).close()  # opening a migrated store again changes nothing
 
