@@ -1,16 +1,22 @@
 """Ingestion throughput versus the storage limit, side by side.
 
 * ``pipeline``: records through the whole agent path (gate, PII scrubbing, exact and
-  near-duplicate checks, AES-GCM sealing, one durable SQLite transaction a batch);
+  near-duplicate checks, AES-GCM sealing, one durable SQLite transaction a batch) as
+  the agent's stream sources (JSONL tail, Kafka) feed it: ``Ingestor.submit_stream``,
+  batch k+1 checked while batch k commits;
+* ``unary``: the same path one ``Ingestor.submit`` call a batch, each waiting for its
+  commit (a gRPC ``PushBatch`` call); a store of its own, the same records;
 * ``bare``: the same raw bytes inserted into a plain SQLite WAL table, same batch
   size, same ``synchronous`` setting: the storage limit.
 
-Both run in one process, alternating batch by batch so drift hits both alike. Also
-reported: the rate at which DP training consumes records (expected batch / measured
-step time, from ``--step-s``), to check that ingestion never holds training back.
+All three run in one process, alternating every ``--chunk`` batches so drift hits
+them alike (the stream starts afresh each chunk: its first batch is not overlapped).
+Also reported: the rate at which DP training consumes records (expected batch /
+measured step time, from ``--step-s``), to check that ingestion never holds training
+back.
 
-Usage: ``python bench/ingest.py [--records 20000] [--batch 256] [--sync FULL]``.
-Prints one JSON object.
+Usage: ``python bench/ingest.py [--records 20000] [--batch 256] [--chunk 8]
+[--sync FULL]``. Prints one JSON object.
 """
 
 from __future__ import annotations
@@ -51,6 +57,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--records", type=int, default=20_000)
     p.add_argument("--batch", type=int, default=256)
+    p.add_argument("--chunk", type=int, default=8, help="batches between switches")
     p.add_argument("--sync", choices=["FULL", "NORMAL"], default="FULL")
     p.add_argument(
         "--step-s",
@@ -66,33 +73,44 @@ def main() -> None:
 
     records = make_records(args.records)
     with tempfile.TemporaryDirectory() as tmp:
-        store = Store(
-            Path(tmp) / "store.db", load_key(Path(tmp) / "key"), synchronous=args.sync
-        )
-        ingestor = Ingestor(store)
+        key = load_key(Path(tmp) / "key")
+        stores = {
+            name: Store(Path(tmp) / f"{name}.db", key, synchronous=args.sync)
+            for name in ("pipeline", "unary")
+        }
+        ingestors = {name: Ingestor(store) for name, store in stores.items()}
         bare = sqlite3.connect(Path(tmp) / "bare.db", isolation_level=None)
         bare.execute("PRAGMA journal_mode=WAL")
         bare.execute(f"PRAGMA synchronous={args.sync}")
         bare.execute("CREATE TABLE r(seq INTEGER PRIMARY KEY, data BLOB NOT NULL)")
-        t_pipe = t_bare = 0.0
-        for start in range(0, len(records), args.batch):
-            chunk = records[start : start + args.batch]
+        batches = [
+            [(raw, "bench") for raw in records[i : i + args.batch]]
+            for i in range(0, len(records), args.batch)
+        ]
+        spent = {"pipeline": 0.0, "unary": 0.0, "bare": 0.0}
+        for c in range(0, len(batches), args.chunk):
+            chunk = batches[c : c + args.chunk]
             t0 = time.perf_counter()
-            ingestor.submit([(raw, "bench") for raw in chunk])
+            for _ in ingestors["pipeline"].submit_stream((b, None) for b in chunk):
+                pass
             t1 = time.perf_counter()
-            bare.execute("BEGIN")
-            bare.executemany(
-                "INSERT INTO r(data) VALUES (?)", [(raw,) for raw in chunk]
-            )
-            bare.execute("COMMIT")
+            for b in chunk:
+                ingestors["unary"].submit(b)
             t2 = time.perf_counter()
-            t_pipe += t1 - t0
-            t_bare += t2 - t1
-        counters = store.counters()
-        store.close()
+            for b in chunk:
+                bare.execute("BEGIN")
+                bare.executemany("INSERT INTO r(data) VALUES (?)", [(r,) for r, _ in b])
+                bare.execute("COMMIT")
+            t3 = time.perf_counter()
+            spent["pipeline"] += t1 - t0
+            spent["unary"] += t2 - t1
+            spent["bare"] += t3 - t2
+        counters = {name: store.counters() for name, store in stores.items()}
+        for store in stores.values():
+            store.close()
         bare.close()
     n = len(records)
-    pipe_rate, bare_rate = n / t_pipe, n / t_bare
+    rate = {name: n / t for name, t in spent.items()}
     train_rate = args.expected_batch / args.step_s
     print(
         json.dumps(
@@ -100,12 +118,18 @@ def main() -> None:
                 "records": n,
                 "batch": args.batch,
                 "synchronous": args.sync,
-                "pipeline_records_per_s": round(pipe_rate, 1),
-                "bare_sqlite_records_per_s": round(bare_rate, 1),
-                "ratio_to_storage_limit": round(pipe_rate / bare_rate, 4),
+                "chunk": args.chunk,
+                "pipeline_records_per_s": round(rate["pipeline"], 1),
+                "unary_records_per_s": round(rate["unary"], 1),
+                "bare_sqlite_records_per_s": round(rate["bare"], 1),
+                "ratio_to_storage_limit": round(rate["pipeline"] / rate["bare"], 4),
+                "unary_ratio_to_storage_limit": round(rate["unary"] / rate["bare"], 4),
                 "dp_training_records_per_s": round(train_rate, 2),
-                "ratio_to_training": round(pipe_rate / train_rate, 1),
-                "counters": {k: v for k, v in counters.items() if ":" not in k},
+                "ratio_to_training": round(rate["pipeline"] / train_rate, 1),
+                "counters": {
+                    k: v for k, v in counters["pipeline"].items() if ":" not in k
+                },
+                "same_decisions": counters["pipeline"] == counters["unary"],
             },
             indent=1,
         )

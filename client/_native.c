@@ -4,8 +4,9 @@
  * dedup keys, so that the store is asked only about keys it may hold.
  *
  * Tokens are hashed here with rensa's FxHash-style byte hash (rensa src/utils.rs,
- * checked against rensa's own `hash_token_sets` in the tests); rensa turns the flat
- * hashes of a batch into MinHash digests; the index below keeps the digests.
+ * checked against rensa's own `hash_token_sets` in the tests); sketches() turns them
+ * into rensa's R-MinHash digests here too (byte for byte rensa's, also tested), and
+ * the index below keeps the digests.
  *
  * A record is a near-duplicate when it shares a whole band (rows consecutive digest
  * values) with an indexed record whose digest agrees with its own in at least
@@ -73,8 +74,9 @@ static uint64_t token_hash(const unsigned char *b, size_t len) {
 /* ---- shingles of an ASCII key text: word 3-grams, as client.ingest.shingles ---- */
 
 static inline int is_word(unsigned char c) {
-    return (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') ||
-           c == '_';
+    /* a bitmap of [0-9] (48-57) and of [A-Z] _ [a-z] (65-90, 95, 97-122) */
+    static const uint64_t map[2] = {0x03ff000000000000ULL, 0x07fffffe87fffffeULL};
+    return c < 128 && (map[c >> 6] >> (c & 63)) & 1;
 }
 
 typedef struct {
@@ -116,6 +118,13 @@ static int ascii_shingles(const unsigned char *s, Py_ssize_t len, HashVec *out,
         ends[words % 3] = i;
         words++;
         if (words >= 3) {
+            Py_ssize_t w0 = (words - 3) % 3, w1 = (words - 2) % 3, w2 = (words - 1) % 3;
+            if (starts[w1] == ends[w0] + 1 && starts[w2] == ends[w1] + 1 &&
+                s[ends[w0]] == ' ' && s[ends[w1]] == ' ') {
+                /* joined by single spaces in the text itself (the usual case) */
+                if (push(out, token_hash(s + starts[w0], ends[w2] - starts[w0])) < 0) return -1;
+                continue;
+            }
             Py_ssize_t k = 0;
             for (Py_ssize_t w = words - 3; w < words; w++) {
                 Py_ssize_t wl = ends[w % 3] - starts[w % 3];
@@ -228,15 +237,25 @@ static const uint32_t *row_of(NearIndex *self, Py_buffer *view, Py_ssize_t row) 
     return (const uint32_t *)((const char *)view->buf + row * width);
 }
 
+#define MAX_BANDS 64
+
 static int query_digest(NearIndex *self, const uint32_t *d) {
     int rows = self->rows, n = self->num_perm;
+    uint64_t hs[MAX_BANDS];
     if (++self->query_no == 0) { /* wrapped: forget old stamps */
         memset(self->stamp, 0, self->horizon * sizeof(uint32_t));
         self->query_no = 1;
     }
+    /* The bands' chain heads are random places in a table of a few MB: ask for all of
+     * them first, so that their cache misses overlap instead of queueing. */
+    int prefetched = self->bands <= MAX_BANDS;
+    for (int band = 0; prefetched && band < self->bands; band++) {
+        hs[band] = band_hash(d + band * rows, rows);
+        __builtin_prefetch(&self->heads[(size_t)band * (self->mask + 1) + (hs[band] & self->mask)]);
+    }
     for (int band = 0; band < self->bands; band++) {
         const uint32_t *bv = d + band * rows;
-        uint64_t h = band_hash(bv, rows);
+        uint64_t h = prefetched ? hs[band] : band_hash(bv, rows);
         int32_t slot = self->heads[(size_t)band * (self->mask + 1) + (h & self->mask)];
         while (slot >= 0) {
             size_t sb = (size_t)slot * self->bands + band;
@@ -330,10 +349,8 @@ static PyObject *NearIndex_offer(NearIndex *self, PyObject *args) {
     return PyLong_FromLongLong(key);
 }
 
-static PyObject *NearIndex_remove(NearIndex *self, PyObject *arg) {
-    long long key = PyLong_AsLongLong(arg);
-    if (key == -1 && PyErr_Occurred()) return NULL;
-    if (key < 0 || key >= self->next_key || self->horizon == 0) Py_RETURN_NONE;
+static void forget_key(NearIndex *self, long long key) {
+    if (key < 0 || key >= self->next_key || self->horizon == 0) return;
     int32_t slot = (int32_t)(key % self->horizon);
     if (self->keys[slot] == key) unlink_slot(self, slot);
     /* Removing the newest keys (a failed commit) hands their slots back, so the
@@ -341,7 +358,87 @@ static PyObject *NearIndex_remove(NearIndex *self, PyObject *arg) {
     while (self->next_key > 0 &&
            self->keys[(self->next_key - 1) % self->horizon] != self->next_key - 1)
         self->next_key--;
+}
+
+static PyObject *NearIndex_remove(NearIndex *self, PyObject *arg) {
+    long long key = PyLong_AsLongLong(arg);
+    if (key == -1 && PyErr_Occurred()) return NULL;
+    forget_key(self, key);
     Py_RETURN_NONE;
+}
+
+/* decide(digests, rids, chashes, known_rids, known_content) -> [int]: a batch's
+ * duplicate decisions, in order: -2 (DUP_ID: its rid is in known_rids or earlier in
+ * the batch), -3 (DUP_CONTENT: its content hash is), -1 (DUP_NEAR: offer refused
+ * it), else the key offer gave it. On an error nothing stays indexed.
+ * client/near_py.py has the same in Python. */
+static PyObject *NearIndex_decide(NearIndex *self, PyObject *args) {
+    Py_buffer view;
+    PyObject *rids, *chashes, *known_rids, *known_content;
+    if (!PyArg_ParseTuple(args, "y*OOO!O!", &view, &rids, &chashes, &PySet_Type,
+                          &known_rids, &PySet_Type, &known_content))
+        return NULL;
+    PyObject *out = NULL, *seen_r = NULL, *seen_c = NULL, *cs = NULL;
+    Py_ssize_t j = 0, n = 0;
+    PyObject *rs = PySequence_Fast(rids, "decide(): rids must be a sequence");
+    if (rs) cs = PySequence_Fast(chashes, "decide(): chashes must be a sequence");
+    if (!cs) goto done;
+    n = PySequence_Fast_GET_SIZE(rs);
+    if (PySequence_Fast_GET_SIZE(cs) != n) {
+        PyErr_SetString(PyExc_ValueError, "decide(): rids and chashes differ in length");
+        goto done;
+    }
+    seen_r = PySet_New(NULL);
+    seen_c = PySet_New(NULL);
+    if (!seen_r || !seen_c) goto done;
+    out = PyList_New(n);
+    if (!out) goto done;
+    for (j = 0; j < n; j++) {
+        PyObject *rid = PySequence_Fast_GET_ITEM(rs, j);
+        PyObject *chash = PySequence_Fast_GET_ITEM(cs, j);
+        long long verdict;
+        int hit = PySet_Contains(known_rids, rid);
+        if (hit == 0) hit = PySet_Contains(seen_r, rid);
+        if (hit < 0) goto fail;
+        if (hit) {
+            verdict = -2;
+        } else {
+            hit = PySet_Contains(known_content, chash);
+            if (hit == 0) hit = PySet_Contains(seen_c, chash);
+            if (hit < 0) goto fail;
+            if (hit) {
+                verdict = -3;
+            } else {
+                const uint32_t *d = row_of(self, &view, j);
+                if (!d) goto fail;
+                verdict = query_digest(self, d) ? -1 : add_digest(self, d);
+                if (verdict >= 0 && (PySet_Add(seen_r, rid) < 0 || PySet_Add(seen_c, chash) < 0)) {
+                    forget_key(self, verdict);
+                    goto fail;
+                }
+            }
+        }
+        PyObject *v = PyLong_FromLongLong(verdict);
+        if (!v) {
+            if (verdict >= 0) forget_key(self, verdict);
+            goto fail;
+        }
+        PyList_SET_ITEM(out, j, v);
+    }
+    goto done;
+fail:
+    for (Py_ssize_t i = j - 1; i >= 0; i--) {
+        long long key = PyLong_AsLongLong(PyList_GET_ITEM(out, i));
+        if (key >= 0) forget_key(self, key);
+    }
+    Py_CLEAR(out);
+done:
+    Py_XDECREF(seen_r);
+    Py_XDECREF(seen_c);
+    Py_XDECREF(rs);
+    Py_XDECREF(cs);
+    PyBuffer_Release(&view);
+    return out;
 }
 
 static PyObject *NearIndex_candidates(NearIndex *self, PyObject *args) {
@@ -389,6 +486,8 @@ static PyMethodDef NearIndex_methods[] = {
     {"offer", (PyCFunction)NearIndex_offer, METH_VARARGS,
      "offer(digests, row) -> key, or -1 for a near-duplicate (then nothing is added)."},
     {"remove", (PyCFunction)NearIndex_remove, METH_O, "remove(key): drop a record."},
+    {"decide", (PyCFunction)NearIndex_decide, METH_VARARGS,
+     "decide(digests, rids, chashes, known_rids, known_content) -> [verdict | key]."},
     {"candidates", (PyCFunction)NearIndex_candidates, METH_VARARGS,
      "candidates(digests, row) -> set of keys sharing a whole band with the row."},
     {NULL, NULL, 0, NULL}};
@@ -537,6 +636,8 @@ static PyTypeObject KeyFilterType = {
 /* ---- normalise: " ".join(text.split()).lower() for ASCII text -------------------
  * str.split()'s whitespace in ASCII is \t \n \v \f \r, \x1c-\x1f and the space. */
 
+static PyObject *normalised_ascii(const unsigned char *s, Py_ssize_t n);
+
 static PyObject *py_normalise(PyObject *Py_UNUSED(mod), PyObject *text) {
     if (!PyUnicode_Check(text)) {
         PyErr_SetString(PyExc_TypeError, "normalise takes a str");
@@ -544,29 +645,7 @@ static PyObject *py_normalise(PyObject *Py_UNUSED(mod), PyObject *text) {
     }
     if (PyUnicode_READY(text) < 0) return NULL;
     if (!PyUnicode_IS_ASCII(text)) Py_RETURN_NONE; /* Unicode rules: Python's path */
-    Py_ssize_t n = PyUnicode_GET_LENGTH(text);
-    const unsigned char *s = PyUnicode_1BYTE_DATA(text);
-    PyObject *out = PyUnicode_New(n, 127);
-    if (!out) return NULL;
-    unsigned char *d = PyUnicode_1BYTE_DATA(out);
-    Py_ssize_t len = 0;
-    int gap = 0;
-    for (Py_ssize_t i = 0; i < n; i++) {
-        unsigned char c = s[i];
-        if (c == ' ' || (c >= '\t' && c <= '\r') || (c >= 0x1c && c <= 0x1f)) {
-            gap = len > 0;
-            continue;
-        }
-        if (gap) {
-            d[len++] = ' ';
-            gap = 0;
-        }
-        d[len++] = (c >= 'A' && c <= 'Z') ? (unsigned char)(c + 32) : c;
-    }
-    if (len == n) return out;
-    PyObject *cut = PyUnicode_Substring(out, 0, len);
-    Py_DECREF(out);
-    return cut;
+    return normalised_ascii(PyUnicode_1BYTE_DATA(text), PyUnicode_GET_LENGTH(text));
 }
 
 static PyObject *py_token_hash(PyObject *Py_UNUSED(mod), PyObject *arg) {
@@ -672,6 +751,298 @@ fail:
     Py_DECREF(seq);
     Py_XDECREF(out);
     return NULL;
+}
+
+/* ---- sketches: rensa's R-MinHash digests, computed here ------------------------
+ *
+ * sketches(items, num_perm, seed) -> bytes: the (len(items), num_perm) uint32 matrix,
+ * row-major, that token_hashes(items) fed to rensa's
+ * RMinHash.digest_matrix_from_flat_token_hashes(hashes, offsets, num_perm, seed)
+ * gives (through to_rows() and rows_to_bytes()), without the Python ints between.
+ *
+ * rensa 0.5.0's R-MinHash (ALGORITHM_VERSION 2, src/rminhash/bucket.rs; checked bit
+ * for bit against the installed rensa in tests/unit/test_sketches.py):
+ *
+ *   (a_i, b_i), i < num_perm: Xoshiro256++ seeded with seed_from_u64(seed) (the state
+ *     is four SplitMix64 outputs from seed), a_i = next() | 1, b_i = next().
+ *   Every slot starts at u32::MAX (so does the whole row of an empty item); for each
+ *   token hash h, with sm = the SplitMix64 finaliser:
+ *   - three bucket rounds r = 0, 1, 2: x = sm(h ^ b_0 ^ BUCKET ^ r * ROUND) picks
+ *     slot lemire(x, num_perm) (the low word times num_perm, high word; a rejected
+ *     low word re-mixes x with sm) and offers rank (r << 30) | (x >> 34) to it;
+ *   - fallback: f = sm(h ^ a_0 ^ FALLBACK_DOMAIN) offers every slot i the rank
+ *     (3 << 30) | (((a_i * f + b_i) mod 2^64) >> 34).
+ *   A slot keeps the least rank offered. Round ranks are below 3 << 30, so the
+ *   fallback decides only the slots no round reached: computed for those alone. */
+
+#define RM_BUCKET_DOMAIN 0x6a09e667f3bcc909ULL
+#define RM_ROUND_DOMAIN 0x3c6ef372fe94f82bULL
+#define RM_FALLBACK_DOMAIN 0xbb67ae8584caa73bULL
+#define RM_FALLBACK (3u << 30)
+#define RM_MAX_PERM (1 << 20)
+
+static inline uint64_t splitmix64(uint64_t v) {
+    v += 0x9e3779b97f4a7c15ULL;
+    v = (v ^ (v >> 30)) * 0xbf58476d1ce4e5b9ULL;
+    v = (v ^ (v >> 27)) * 0x94d049bb133111ebULL;
+    return v ^ (v >> 31);
+}
+
+/* The permutations of (num_perm, seed), built per call: 2 * num_perm Xoshiro256++
+ * steps, well under a microsecond for 128, next to a batch's sketches. */
+typedef struct {
+    Py_ssize_t num_perm;
+    uint64_t *a, *b;
+    uint64_t stage[3], fallback_seed;
+    uint32_t threshold; /* 2^32 mod num_perm: low words below it are rejected */
+    int shift;          /* 32 - log2(num_perm) for a power of two, else -1 */
+} RPerms;
+
+static int rperms_init(RPerms *p, Py_ssize_t num_perm, uint64_t seed) {
+    uint64_t *a = PyMem_Malloc(num_perm * sizeof(uint64_t));
+    uint64_t *b = PyMem_Malloc(num_perm * sizeof(uint64_t));
+    p->a = a;
+    p->b = b;
+    if (!a || !b) return -1;
+    uint64_t s[4], x = seed;
+    for (int i = 0; i < 4; i++) {
+        s[i] = splitmix64(x);
+        x += 0x9e3779b97f4a7c15ULL;
+    }
+    for (Py_ssize_t i = 0; i < 2 * num_perm; i++) {
+        uint64_t out = rotl64(s[0] + s[3], 23) + s[0], t = s[1] << 17;
+        s[2] ^= s[0];
+        s[3] ^= s[1];
+        s[1] ^= s[2];
+        s[0] ^= s[3];
+        s[2] ^= t;
+        s[3] = rotl64(s[3], 45);
+        if (i & 1)
+            b[i / 2] = out;
+        else
+            a[i / 2] = out | 1;
+    }
+    p->num_perm = num_perm;
+    for (uint64_t r = 0; r < 3; r++) p->stage[r] = b[0] ^ RM_BUCKET_DOMAIN ^ (r * RM_ROUND_DOMAIN);
+    p->fallback_seed = a[0] ^ RM_FALLBACK_DOMAIN;
+    uint32_t n = (uint32_t)num_perm;
+    p->threshold = (uint32_t)(0u - n) % n;
+    p->shift = (n & (n - 1)) == 0 ? 32 - __builtin_ctz(n) : -1;
+    return 0;
+}
+
+static inline uint32_t rm_bucket(const RPerms *p, uint64_t x) {
+    if (p->shift >= 0) return (uint32_t)((uint64_t)(uint32_t)x >> p->shift);
+    for (;;) {
+        uint64_t product = (uint64_t)(uint32_t)x * (uint64_t)p->num_perm;
+        if ((uint32_t)product >= p->threshold) return (uint32_t)(product >> 32);
+        x = splitmix64(x);
+    }
+}
+
+/* raw[i] = min over j of the high word of a[i] * f[j] + b[i]: the hot loop, in plain C
+ * that gcc vectorises; built also for AVX2 and for AVX-512 (whose vpmullq multiplies
+ * 64-bit lanes in one instruction), and the best the CPU runs is chosen when the
+ * module loads. FEDSTREAM_SKETCH_KERNEL=baseline|avx2 holds it at most at that one
+ * (the tests check every kernel the CPU has); sketch_kernel names the one in use. */
+typedef void (*FallbackFn)(const uint64_t *, const uint64_t *, Py_ssize_t, const uint64_t *,
+                           Py_ssize_t, uint32_t *);
+
+static inline __attribute__((always_inline)) void fallback_min_body(
+    const uint64_t *restrict a, const uint64_t *restrict b, Py_ssize_t m,
+    const uint64_t *restrict f, Py_ssize_t k, uint32_t *restrict raw) {
+    for (Py_ssize_t i = 0; i < m; i++) raw[i] = UINT32_MAX;
+    for (Py_ssize_t j = 0; j < k; j++) {
+        uint64_t fj = f[j];
+        for (Py_ssize_t i = 0; i < m; i++) {
+            uint32_t v = (uint32_t)((a[i] * fj + b[i]) >> 32);
+            raw[i] = v < raw[i] ? v : raw[i];
+        }
+    }
+}
+
+static void fallback_min(const uint64_t *a, const uint64_t *b, Py_ssize_t m, const uint64_t *f,
+                         Py_ssize_t k, uint32_t *raw) {
+    fallback_min_body(a, b, m, f, k, raw);
+}
+
+#if defined(__x86_64__) && defined(__GNUC__)
+__attribute__((target("avx2"))) static void fallback_min_avx2(const uint64_t *a,
+                                                              const uint64_t *b, Py_ssize_t m,
+                                                              const uint64_t *f, Py_ssize_t k,
+                                                              uint32_t *raw) {
+    fallback_min_body(a, b, m, f, k, raw);
+}
+
+__attribute__((target("avx512f,avx512dq,avx512vl"))) static void fallback_min_avx512(
+    const uint64_t *a, const uint64_t *b, Py_ssize_t m, const uint64_t *f, Py_ssize_t k,
+    uint32_t *raw) {
+    fallback_min_body(a, b, m, f, k, raw);
+}
+#endif
+
+static FallbackFn fallback_min_fn = fallback_min;
+static const char *sketch_kernel = "baseline";
+
+static void choose_sketch_kernel(void) {
+#if defined(__x86_64__) && defined(__GNUC__)
+    const char *cap = getenv("FEDSTREAM_SKETCH_KERNEL");
+    int limit = 2; /* 0: baseline, 1: avx2, 2: avx512 */
+    if (cap && strcmp(cap, "baseline") == 0) limit = 0;
+    if (cap && strcmp(cap, "avx2") == 0) limit = 1;
+    __builtin_cpu_init();
+    if (limit >= 2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq") &&
+        __builtin_cpu_supports("avx512vl")) {
+        fallback_min_fn = fallback_min_avx512;
+        sketch_kernel = "avx512";
+    } else if (limit >= 1 && __builtin_cpu_supports("avx2")) {
+        fallback_min_fn = fallback_min_avx2;
+        sketch_kernel = "avx2";
+    }
+#endif
+}
+
+typedef struct {
+    uint64_t *a, *b, *f; /* a, b: (num_perm,) of the slots left; f: (tokens,) */
+    uint32_t *raw, *idx;
+    Py_ssize_t fcap;
+} RScratch;
+
+static int sketch_row(const RPerms *p, const uint64_t *h, Py_ssize_t k, uint32_t *out,
+                      RScratch *s) {
+    Py_ssize_t n = p->num_perm;
+    for (Py_ssize_t i = 0; i < n; i++) out[i] = UINT32_MAX;
+    if (k == 0) return 0;
+    for (uint32_t r = 0; r < 3; r++) {
+        uint64_t stage = p->stage[r];
+        uint32_t prefix = r << 30;
+        for (Py_ssize_t j = 0; j < k; j++) {
+            uint64_t x = splitmix64(h[j] ^ stage);
+            uint32_t slot = rm_bucket(p, x), rank = prefix | (uint32_t)(x >> 34);
+            out[slot] = rank < out[slot] ? rank : out[slot];
+        }
+        if (k >= n) { /* every slot may be taken: then later rounds change nothing */
+            uint32_t next = (r + 1) << 30, all = 1;
+            for (Py_ssize_t i = 0; i < n; i++) all &= out[i] < next;
+            if (all) return 0;
+        }
+    }
+    Py_ssize_t m = 0; /* the slots left, gathered without branches (half are left) */
+    for (Py_ssize_t i = 0; i < n; i++) {
+        s->idx[m] = (uint32_t)i;
+        s->a[m] = p->a[i];
+        s->b[m] = p->b[i];
+        m += out[i] == UINT32_MAX;
+    }
+    if (m == 0) return 0;
+    if (k > s->fcap) {
+        uint64_t *f = PyMem_Realloc(s->f, k * sizeof(uint64_t));
+        if (!f) return -1;
+        s->f = f;
+        s->fcap = k;
+    }
+    for (Py_ssize_t j = 0; j < k; j++) s->f[j] = splitmix64(h[j] ^ p->fallback_seed);
+    fallback_min_fn(s->a, s->b, m, s->f, k, s->raw);
+    for (Py_ssize_t i = 0; i < m; i++) out[s->idx[i]] = RM_FALLBACK | (s->raw[i] >> 2);
+    return 0;
+}
+
+/* The token hashes of one item of token_hashes() (an ASCII str, or a list of str
+ * tokens) into hv, from its start; -1 with an exception set. */
+static int item_token_hashes(PyObject *item, HashVec *hv, unsigned char **buf,
+                             Py_ssize_t *bufcap) {
+    hv->n = 0;
+    if (PyUnicode_Check(item)) {
+        if (!PyUnicode_IS_ASCII(item)) {
+            PyErr_SetString(PyExc_ValueError, "sketches(): a str item must be ASCII");
+            return -1;
+        }
+        if (ascii_shingles(PyUnicode_1BYTE_DATA(item), PyUnicode_GET_LENGTH(item), hv, buf,
+                           bufcap) < 0) {
+            PyErr_NoMemory();
+            return -1;
+        }
+        return 0;
+    }
+    PyObject *toks = PySequence_Fast(item, "sketches(): an item is a str or a list");
+    if (!toks) return -1;
+    for (Py_ssize_t t = 0; t < PySequence_Fast_GET_SIZE(toks); t++) {
+        Py_ssize_t len;
+        const char *s = PyUnicode_AsUTF8AndSize(PySequence_Fast_GET_ITEM(toks, t), &len);
+        if (!s || push(hv, token_hash((const unsigned char *)s, len)) < 0) {
+            Py_DECREF(toks);
+            if (s) PyErr_NoMemory();
+            return -1;
+        }
+    }
+    Py_DECREF(toks);
+    return 0;
+}
+
+static PyObject *py_sketches(PyObject *Py_UNUSED(mod), PyObject *args) {
+    PyObject *items, *seed_obj;
+    Py_ssize_t num_perm;
+    if (!PyArg_ParseTuple(args, "OnO", &items, &num_perm, &seed_obj)) return NULL;
+    if (num_perm < 1 || num_perm > RM_MAX_PERM) {
+        PyErr_Format(PyExc_ValueError, "sketches(): num_perm must be in 1..%d", RM_MAX_PERM);
+        return NULL;
+    }
+    PyObject *seed_int = PyNumber_Index(seed_obj);
+    if (!seed_int) return NULL;
+    unsigned long long seed = PyLong_AsUnsignedLongLong(seed_int);
+    Py_DECREF(seed_int);
+    if (seed == (unsigned long long)-1 && PyErr_Occurred()) return NULL;
+    PyObject *seq = PySequence_Tuple(items); /* held: an item's iterator may run code */
+    if (!seq) return NULL;
+    Py_ssize_t rows = PyTuple_GET_SIZE(seq);
+    HashVec hv = {0};
+    unsigned char *buf = NULL;
+    Py_ssize_t bufcap = 0;
+    RScratch s = {0};
+    RPerms perms = {0};
+    PyObject *out = NULL;
+    if (rperms_init(&perms, num_perm, (uint64_t)seed) < 0) {
+        PyErr_NoMemory();
+        goto fail;
+    }
+    if (rows > PY_SSIZE_T_MAX / 4 / num_perm) {
+        PyErr_NoMemory();
+        goto fail;
+    }
+    out = PyBytes_FromStringAndSize(NULL, rows * num_perm * 4);
+    if (!out) goto fail;
+    s.a = PyMem_Malloc(num_perm * sizeof(uint64_t));
+    s.b = PyMem_Malloc(num_perm * sizeof(uint64_t));
+    s.raw = PyMem_Malloc(num_perm * sizeof(uint32_t));
+    s.idx = PyMem_Malloc(num_perm * sizeof(uint32_t));
+    if (!s.a || !s.b || !s.raw || !s.idx) {
+        PyErr_NoMemory();
+        goto fail;
+    }
+    uint32_t *dst = (uint32_t *)PyBytes_AS_STRING(out);
+    for (Py_ssize_t j = 0; j < rows; j++) {
+        if (item_token_hashes(PyTuple_GET_ITEM(seq, j), &hv, &buf, &bufcap) < 0)
+            goto fail;
+        if (sketch_row(&perms, hv.h, hv.n, dst + j * num_perm, &s) < 0) {
+            PyErr_NoMemory();
+            goto fail;
+        }
+    }
+    goto done;
+fail:
+    Py_CLEAR(out);
+done:
+    PyMem_Free(hv.h);
+    PyMem_Free(buf);
+    PyMem_Free(s.a);
+    PyMem_Free(s.b);
+    PyMem_Free(s.f);
+    PyMem_Free(s.raw);
+    PyMem_Free(s.idx);
+    PyMem_Free(perms.a);
+    PyMem_Free(perms.b);
+    Py_DECREF(seq);
+    return out;
 }
 
 /* ---- the gate's fast path: the common record shape, parsed and checked ---------
@@ -1250,6 +1621,93 @@ static PyObject *py_pii_screen(PyObject *Py_UNUSED(mod), PyObject *texts) {
     return out;
 }
 
+/* ---- clean_records: the gate's fast path, PII screen and key text in one pass ----
+ *
+ * clean_records(raws, max_raw_bytes, max_text_bytes, max_tags, max_field_chars)
+ * -> list of (content, ts, key_text) | (content, ts, None) | None per input:
+ * simple_records' result, and for a text that pii_screen would pass (nothing to
+ * replace) its key text, normalise(text); None in the third place when pii_screen
+ * flags the text (client.gate scrubs it, then normalises). */
+
+static PyObject *normalised_ascii(const unsigned char *s, Py_ssize_t n) {
+    PyObject *out = PyUnicode_New(n, 127);
+    if (!out) return NULL;
+    unsigned char *d = PyUnicode_1BYTE_DATA(out);
+    Py_ssize_t len = 0;
+    int gap = 0;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        unsigned char c = s[i];
+        if (c == ' ' || (c >= '\t' && c <= '\r') || (c >= 0x1c && c <= 0x1f)) {
+            gap = len > 0;
+            continue;
+        }
+        if (gap) {
+            d[len++] = ' ';
+            gap = 0;
+        }
+        d[len++] = (c >= 'A' && c <= 'Z') ? (unsigned char)(c + 32) : c;
+    }
+    if (len == n) return out;
+    PyObject *cut = PyUnicode_Substring(out, 0, len);
+    Py_DECREF(out);
+    return cut;
+}
+
+static PyObject *py_clean_records(PyObject *Py_UNUSED(mod), PyObject *args) {
+    PyObject *raws;
+    Py_ssize_t max_raw, max_text, max_tags, max_field;
+    if (!PyArg_ParseTuple(args, "Onnnn", &raws, &max_raw, &max_text, &max_tags, &max_field))
+        return NULL;
+    PyObject *seq = PySequence_Fast(raws, "clean_records() takes a list");
+    if (!seq) return NULL;
+    Py_ssize_t n = PySequence_Fast_GET_SIZE(seq);
+    Py_ssize_t cap = max_text > max_field ? max_text : max_field;
+    char *buf = PyMem_Malloc(cap + 1);
+    PyObject *out = PyList_New(n);
+    if (!buf || !out) goto fail;
+    for (Py_ssize_t j = 0; j < n; j++) {
+        PyObject *raw = PySequence_Fast_GET_ITEM(seq, j), *item = Py_None, *content = NULL;
+        double ts;
+        int got = 0;
+        if (PyBytes_CheckExact(raw) && PyBytes_GET_SIZE(raw) <= max_raw) {
+            got = simple_record((const unsigned char *)PyBytes_AS_STRING(raw),
+                                PyBytes_GET_SIZE(raw), max_text, max_tags, max_field, buf,
+                                &content, &ts);
+            if (got < 0) goto fail;
+        }
+        if (got) {
+            PyObject *text = PyDict_GetItemString(content, "text"); /* borrowed */
+            const unsigned char *s = PyUnicode_1BYTE_DATA(text);
+            Py_ssize_t len = PyUnicode_GET_LENGTH(text);
+            PyObject *key;
+            if (screen_text(s, len)) {
+                key = Py_None;
+                Py_INCREF(key);
+            } else {
+                key = normalised_ascii(s, len);
+                if (!key) {
+                    Py_DECREF(content);
+                    goto fail;
+                }
+            }
+            item = Py_BuildValue("(NdN)", content, ts, key);
+            if (!item) goto fail;
+        } else {
+            Py_INCREF(Py_None);
+        }
+        PyList_SET_ITEM(out, j, item);
+    }
+    PyMem_Free(buf);
+    Py_DECREF(seq);
+    return out;
+fail:
+    if (!buf) PyErr_NoMemory();
+    PyMem_Free(buf);
+    Py_DECREF(seq);
+    Py_XDECREF(out);
+    return NULL;
+}
+
 static PyMethodDef module_methods[] = {
     {"pii_screen", py_pii_screen, METH_O,
      "pii_screen(texts) -> [index]: the texts that need client.pii's exact path."},
@@ -1259,6 +1717,9 @@ static PyMethodDef module_methods[] = {
      "use_sha_extensions(on) -> bool: switch them (tests check both paths)."},
     {"keyed_hashes", py_keyed_hashes, METH_VARARGS,
      "keyed_hashes(key, prefix, items) -> [HMAC-SHA256(key, prefix + item)[:16]]."},
+    {"clean_records", py_clean_records, METH_VARARGS,
+     "clean_records(raws, max_raw_bytes, max_text_bytes, max_tags, max_field_chars)"
+     " -> [(content, ts, key_text | None) | None]: the gate's fast path and PII screen."},
     {"simple_records", py_simple_records, METH_VARARGS,
      "simple_records(raws, max_raw_bytes, max_text_bytes, max_tags, max_field_chars)"
      " -> [(content, ts) | None]: the gate's fast path."},
@@ -1266,6 +1727,9 @@ static PyMethodDef module_methods[] = {
      "token_hashes(items) -> (flat uint64 hashes, uint64 row offsets)."},
     {"rows_to_bytes", py_rows_to_bytes, METH_VARARGS,
      "rows_to_bytes(rows, width) -> (len(rows), width) uint32 matrix as bytes."},
+    {"sketches", py_sketches, METH_VARARGS,
+     "sketches(items, num_perm, seed) -> (len(items), num_perm) uint32 R-MinHash"
+     " digests (rensa's) as bytes."},
     {"token_hash", py_token_hash, METH_O, "token_hash(bytes) -> rensa's u64 token hash."},
     {"normalise", py_normalise, METH_O,
      "normalise(text) -> ' '.join(text.split()).lower() for ASCII text, else None."},
@@ -1279,11 +1743,13 @@ PyMODINIT_FUNC PyInit__native(void) {
 #if defined(__x86_64__)
     if (cpu_has_sha()) sha_block = sha256_block_ni;
 #endif
+    choose_sketch_kernel();
     if (PyType_Ready(&NearIndexType) < 0 || PyType_Ready(&KeyFilterType) < 0) return NULL;
     PyObject *m = PyModule_Create(&native_module);
     if (!m) return NULL;
     if (PyModule_AddObjectRef(m, "NearIndex", (PyObject *)&NearIndexType) < 0 ||
-        PyModule_AddObjectRef(m, "KeyFilter", (PyObject *)&KeyFilterType) < 0) {
+        PyModule_AddObjectRef(m, "KeyFilter", (PyObject *)&KeyFilterType) < 0 ||
+        PyModule_AddStringConstant(m, "sketch_kernel", sketch_kernel) < 0) {
         Py_DECREF(m);
         return NULL;
     }

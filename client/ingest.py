@@ -17,10 +17,15 @@ the filter may hold. It cannot miss a stored key: it is loaded from the store wh
 the ingestor starts and again, before each batch, with whatever was stored since
 (also by another process); a false positive costs one lookup, never a decision.
 
-Near-duplicates are found with MinHash over word 3-grams (tokens hashed natively,
-digests by ``rensa``, Rust) and a native banded LSH index,
-within a horizon of the most recent records held in memory (bounded by
-``horizon``; rebuilt from the store after a restart).
+Near-duplicates are found with MinHash over word 3-grams (rensa's R-MinHash digests,
+computed natively: the same bytes as the ``rensa`` package, tested) and a native
+banded LSH index, within a horizon of the most recent records held in memory
+(bounded by ``horizon``; rebuilt from the store after a restart).
+
+The filter is refreshed before each batch with whatever another writer stored since;
+a record another writer stores between that and the commit makes the commit refuse
+(``Conflict``, nothing written) and the batch is decided again. ``submit_stream``
+decides batch k+1 while batch k commits, counting k's records as stored.
 """
 
 from __future__ import annotations
@@ -28,21 +33,22 @@ from __future__ import annotations
 import json
 import re
 import threading
+import time
+from collections.abc import Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Any, NamedTuple
 
-import numpy as np
-from rensa import RMinHash
-
 try:
-    from client._native import KeyFilter, NearIndex, rows_to_bytes, token_hashes
+    from client._native import KeyFilter, NearIndex, sketches
 except ImportError:  # not built (a Flower App bundle ships sources): same, slower
     from client.near_py import (  # type: ignore[assignment]
         KeyFilter,
         NearIndex,
-        rows_to_bytes,
-        token_hashes,
+        sketches,
     )
 from client.gate import Clean, Gate, Rejected, normalise
+from client.near_py import DUP_CONTENT, DUP_ID
 from client.store import Batch, Conflict, Store, StoreError
 
 __all__ = ["DUPLICATE", "QUARANTINED", "STORED", "Ack", "Ingestor"]
@@ -75,8 +81,8 @@ def shingles(key_text: str) -> list[str]:
 class NearDuplicates:
     """Banded MinHash LSH over the last ``horizon`` records.
 
-    Sketches of a batch are one ``(n, num_perm)`` uint32 matrix (bytes): tokens cut
-    and hashed natively, digests by rensa (Rust). The band index is native too
+    Sketches of a batch are one ``(n, num_perm)`` uint32 matrix (bytes), computed
+    natively (rensa's R-MinHash, bit for bit). The band index is native too
     (``client._native.NearIndex``). A record is a near-duplicate when it shares a
     whole band with a kept record whose sketch agrees with its own in at least
     ``threshold`` of the permutations.
@@ -105,16 +111,11 @@ class NearDuplicates:
         """``(len(key_texts), num_perm)`` uint32 digests, row-major."""
         # ASCII texts are cut into shingles natively (words are the [A-Za-z0-9_]
         # runs there); others need Unicode word characters, so Python cuts them.
-        hashes, offsets = token_hashes(
-            [t if t.isascii() else shingles(t) for t in key_texts]
-        )
-        matrix = RMinHash.digest_matrix_from_flat_token_hashes(
-            np.frombuffer(hashes, dtype=np.uint64),
-            np.frombuffer(offsets, dtype=np.uint64),
+        return sketches(
+            [t if t.isascii() else shingles(t) for t in key_texts],
             self.num_perm,
             self.seed,
         )
-        return rows_to_bytes(matrix.to_rows(), self.num_perm)
 
     def query(self, sketches: bytes, row: int = 0) -> bool:
         return self.index.query(sketches, row)
@@ -143,6 +144,31 @@ def _raw_bytes(raw: bytes | dict[str, Any]) -> bytes:
 def _content_bytes(clean: Clean) -> bytes:
     obj = {**clean.content, **({"ts": clean.ts} if clean.ts else {})}
     return json.dumps(obj, ensure_ascii=False).encode()
+
+
+Offsets = dict[str, str]
+
+
+def _pause() -> None:
+    time.sleep(0)  # releases the GIL: a thread waiting for it runs
+
+
+def _no_pause() -> None:
+    pass
+
+
+@dataclass
+class _Prepared:
+    """A batch checked and decided, its commit still to come."""
+
+    items: list[tuple[bytes | dict[str, Any], str]]
+    offsets: Offsets
+    batch: Batch
+    acks: list[Ack | None]  # set but for the records to store
+    stored: list[int]  # their positions in items
+    near_keys: list[int]  # their keys in the near-duplicate index
+    rids: set[bytes]
+    chashes: set[bytes]
 
 
 class Ingestor:
@@ -210,109 +236,199 @@ class Ingestor:
         nothing written when the store is full.
         """
         with self.lock:
-            for _ in range(_CONFLICT_TRIES):
-                try:
-                    return self._submit(items, offsets or {})
-                except Conflict:  # nothing written; the filter catches up first
-                    continue
+            return self._submit(items, offsets or {})
+
+    def submit_stream(
+        self,
+        batches: Iterable[tuple[list[tuple[bytes | dict[str, Any], str]], Offsets]],
+    ) -> Iterator[list[Ack]]:
+        """``submit`` of each ``(items, offsets)`` batch, in order, yielding each
+        batch's acks once it is committed; batch k+1 is checked and decided while
+        batch k commits (in another thread, where SQLite and the disk wait without
+        the GIL). Its decisions count batch k's records as stored: should that
+        commit fail, nothing of k+1 is written and the error is raised (another
+        writer storing meanwhile: both are decided again instead)."""
+        with self.lock, ThreadPoolExecutor(1, thread_name_prefix="commit") as pool:
+            inflight: tuple[Future[list[int]], _Prepared] | None = None
+            try:
+                for items, offsets_ in batches:
+                    offsets = offsets_ or {}
+                    prep = self._prepare(
+                        items, offsets, after=inflight[1] if inflight else None
+                    )
+                    if inflight is not None:
+                        done, inflight = inflight, None
+                        try:
+                            acks = self._settle(*done)
+                        except BaseException:
+                            self._undo(prep)
+                            self._undo(done[1])
+                            raise
+                        yield acks
+                    try:
+                        finish = self.store.begin_commit(prep.batch)
+                    except Conflict:  # another writer: decided again, here
+                        self._undo(prep)
+                        yield self._submit(items, offsets)
+                        continue
+                    except BaseException:
+                        self._undo(prep)
+                        raise
+                    inflight = (pool.submit(finish), prep)
+                if inflight is not None:
+                    done, inflight = inflight, None
+                    try:
+                        acks = self._settle(*done)
+                    except BaseException:
+                        self._undo(done[1])
+                        raise
+                    yield acks
+            finally:
+                if inflight is not None:  # an error in the loop: keep the state true
+                    try:
+                        self._settle(*inflight)
+                    except BaseException:
+                        self._undo(inflight[1])
+
+    def _submit(
+        self, items: list[tuple[bytes | dict[str, Any], str]], offsets: Offsets
+    ) -> list[Ack]:
+        for _ in range(_CONFLICT_TRIES):
+            prep = self._prepare(items, offsets)
+            try:
+                seqs = self.store.begin_commit(prep.batch)()
+            except Conflict:  # nothing written; the filter catches up first
+                self._undo(prep)
+                continue
+            except BaseException:
+                self._undo(prep)
+                raise
+            return self._finish(prep, seqs)
         raise StoreError(
             f"another writer kept storing records in {self.store.path}: gave up "
             f"after {_CONFLICT_TRIES} tries, nothing of this batch was written"
         )
 
-    def _submit(
-        self, items: list[tuple[bytes | dict[str, Any], str]], offsets: dict[str, str]
-    ) -> list[Ack]:
+    def _settle(self, future: Future[list[int]], prep: _Prepared) -> list[Ack]:
+        return self._finish(prep, future.result())
+
+    def _undo(self, prep: _Prepared) -> None:
+        """Forget a batch that was not committed: its records leave the horizon."""
+        for key in reversed(prep.near_keys):
+            self.near.remove(key)
+
+    def _finish(self, prep: _Prepared, seqs: list[int]) -> list[Ack]:
+        records = prep.batch.records
+        if seqs:  # our own records, without reading them back
+            self.known_filter.add([r[0] for r in records] + [r[1] for r in records])
+            if seqs[0] == self._filtered_upto + 1:  # else another writer came between
+                self._filtered_upto = seqs[-1]
+        acks = prep.acks
+        for pos, seq in zip(prep.stored, seqs, strict=True):
+            acks[pos] = Ack(STORED, "", seq)
+        return acks  # type: ignore[return-value]  # every position is set
+
+    def _prepare(
+        self,
+        items: list[tuple[bytes | dict[str, Any], str]],
+        offsets: Offsets,
+        *,
+        after: _Prepared | None = None,
+    ) -> _Prepared:
+        """Everything of ``submit`` but the commit. ``after``: a batch whose commit
+        is in flight; its records count as stored."""
+        # With a commit in flight, let its thread take the GIL at a few points: it
+        # needs it only briefly between SQLite calls, but would otherwise wait for
+        # the interpreter's switch interval (5 ms, about a whole batch here).
+        pause = _pause if after is not None else _no_pause
         batch = Batch(offsets=dict(offsets))
         if items:
             batch.count("received", len(items))
         acks: list[Ack | None] = [None] * len(items)
-        passed: list[tuple[int, Clean, str]] = []
         verdicts = self.gate.inspect_many([raw for raw, _ in items])
-        for pos, ((raw, source), verdict) in enumerate(
-            zip(items, verdicts, strict=True)
-        ):
-            if isinstance(verdict, Rejected):
-                self._quarantine(batch, verdict.reason, source, _raw_bytes(raw))
-                acks[pos] = Ack(QUARANTINED, verdict.reason)
-                continue
-            passed.append((pos, verdict, source))
+        pause()
+        passed = [pos for pos, v in enumerate(verdicts) if type(v) is Clean]
+        if len(passed) < len(items):
+            for pos, verdict in enumerate(verdicts):
+                if isinstance(verdict, Rejected):
+                    raw, source = items[pos]
+                    self._quarantine(batch, verdict.reason, source, _raw_bytes(raw))
+                    acks[pos] = Ack(QUARANTINED, verdict.reason)
+        cleans: list[Clean] = [verdicts[pos] for pos in passed]  # type: ignore[misc]
+        contents = [c.content for c in cleans]
+        key_texts = [c.key_text for c in cleans]
         # Keyed hashes a batch at a time: content, producer id (else the content's),
         # balancing group (label, else first tag).
         hashes = self.store.keyed_hashes
-        chashes = hashes(b"c:", [c.key_text for _, c, _ in passed])
+        chashes = hashes(b"c:", key_texts)
+        pause()
         rids = list(chashes)
-        with_id = [j for j, (_, c, _) in enumerate(passed) if "id" in c.content]
-        ids = [passed[j][1].content["id"] for j in with_id]
-        for j, rid in zip(with_id, hashes(b"i:", ids), strict=True):
-            rids[j] = rid
-        names = [
-            c.content.get("label") or next(iter(c.content.get("tags", [])), "")
-            for _, c, _ in passed
-        ]
+        with_id = [j for j, c in enumerate(contents) if "id" in c]
+        if with_id:
+            ids = hashes(b"i:", [contents[j]["id"] for j in with_id])
+            for j, rid in zip(with_id, ids, strict=True):
+                rids[j] = rid
+        names = [c.get("label") or next(iter(c.get("tags", ())), "") for c in contents]
         distinct = list(dict.fromkeys(names))
         groups = dict(zip(distinct, hashes(b"g:", distinct), strict=True))
-        cleans = [
-            (pos, clean, rids[j], chashes[j], source, groups[names[j]])
-            for j, (pos, clean, source) in enumerate(passed)
-        ]
 
-        # Decided against what is stored up to ``top``: a record stored by another
-        # writer after it makes the commit raise Conflict, and the batch is decided
-        # again.
-        top = batch.decided_at = self.store.high_water()
-        if top > self._filtered_upto:
-            self._load_known(top)  # stored since (by us, or by another process)
+        # Decided against what is stored up to ``decided_at``: a record stored by
+        # another writer after it makes the commit raise Conflict, and the batch is
+        # decided again.
+        if after is None:
+            top = self.store.high_water()
+            if top > self._filtered_upto:
+                self._load_known(top)  # stored since (by us, or by another process)
+        else:  # what the batch in flight will have stored
+            assert after.batch.decided_at is not None
+            top = after.batch.decided_at + len(after.batch.records)
+        batch.decided_at = top
         maybe = self.known_filter.maybe
-        known_rids = self.store.known(maybe([c[2] for c in cleans]))
-        known_content = self.store.content_known(maybe([c[3] for c in cleans]))
+        known_rids = self.store.known(maybe(rids))
+        known_content = self.store.content_known(maybe(chashes))
+        if after is not None:
+            known_rids |= after.rids.intersection(rids)
+            known_content |= after.chashes.intersection(chashes)
         # Sketched in one native call; the few exact duplicates among them are waste
-        # worth less than a second pass.
-        sketches = self.near.sketch_many([c[1].key_text for c in cleans])
-        seen_rids: set[bytes] = set()
-        seen_content: set[bytes] = set()
-        pending: list[tuple[int, int]] = []  # (position, near-dup index key)
-        near = self.near
-        for j, (pos, clean, rid, chash, source, grp) in enumerate(cleans):
-            if rid in known_rids or rid in seen_rids:
-                batch.count("duplicates")
-                acks[pos] = _ALREADY_STORED
-                continue
-            if chash in known_content or chash in seen_content:
-                self._quarantine(batch, "duplicate", source, _content_bytes(clean))
-                acks[pos] = Ack(QUARANTINED, "duplicate")
-                continue
-            # Indexed now so later records of this batch see it; removed again if
-            # the commit fails.
-            key = near.offer(sketches, j)
-            if key < 0:
-                self._quarantine(batch, "near_duplicate", source, _content_bytes(clean))
-                acks[pos] = Ack(QUARANTINED, "near_duplicate")
-                continue
-            seen_rids.add(rid)
-            seen_content.add(chash)
-            pending.append((pos, key))
-            batch.records.append((rid, chash, grp, clean.ts, clean.content))
-            for kind, n in clean.pii.items():
-                batch.count(f"pii:{kind}", n)
-        if pending:
-            batch.count("stored", len(pending))
-
-        try:
-            seqs = self.store.commit(batch)
-        except BaseException:
-            for _, key in reversed(pending):
-                near.remove(key)
-            raise
-        if seqs:  # our own records, without reading them back
-            self.known_filter.add(
-                [r[0] for r in batch.records] + [r[1] for r in batch.records]
-            )
-            if seqs[0] == self._filtered_upto + 1:  # else another writer came between
-                self._filtered_upto = seqs[-1]
-        for (pos, _), seq in zip(pending, seqs, strict=True):
-            acks[pos] = Ack(STORED, "", seq)
-        return [a for a in acks if a is not None]
+        # worth less than a second pass. Each kept record is indexed as it is
+        # decided, so later records of the batch see it; removed again if the
+        # commit fails.
+        sketches = self.near.sketch_many(key_texts)
+        pause()
+        decided = self.near.index.decide(
+            sketches, rids, chashes, known_rids, known_content
+        )
+        keep = [j for j, v in enumerate(decided) if v >= 0]
+        if len(keep) < len(cleans):
+            for j, v in enumerate(decided):
+                if v == DUP_ID:
+                    batch.count("duplicates")
+                    acks[passed[j]] = _ALREADY_STORED
+                elif v < 0:
+                    reason = "duplicate" if v == DUP_CONTENT else "near_duplicate"
+                    source = items[passed[j]][1]
+                    self._quarantine(batch, reason, source, _content_bytes(cleans[j]))
+                    acks[passed[j]] = Ack(QUARANTINED, reason)
+        batch.records = [
+            (rids[j], chashes[j], groups[names[j]], cleans[j].ts, contents[j])
+            for j in keep
+        ]
+        for j in keep:
+            if cleans[j].pii:
+                for kind, n in cleans[j].pii.items():
+                    batch.count(f"pii:{kind}", n)
+        if keep:
+            batch.count("stored", len(keep))
+        return _Prepared(
+            items=items,
+            offsets=offsets,
+            batch=batch,
+            acks=acks,
+            stored=[passed[j] for j in keep],
+            near_keys=[decided[j] for j in keep],
+            rids={r[0] for r in batch.records},
+            chashes={r[1] for r in batch.records},
+        )
 
     @staticmethod
     def _quarantine(batch: Batch, reason: str, source: str, raw: bytes) -> None:

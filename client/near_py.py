@@ -9,7 +9,19 @@ from collections.abc import Sequence
 import numpy as np
 from rensa import RMinHash
 
-__all__ = ["KeyFilter", "NearIndex", "rows_to_bytes", "token_hashes"]
+__all__ = [
+    "DUP_CONTENT",
+    "DUP_ID",
+    "DUP_NEAR",
+    "KeyFilter",
+    "NearIndex",
+    "rows_to_bytes",
+    "sketches",
+    "token_hashes",
+]
+
+# NearIndex.decide's verdicts other than a key (>= 0); as client._native's
+DUP_NEAR, DUP_ID, DUP_CONTENT = -1, -2, -3
 
 
 def token_hashes(items: Sequence[str | Sequence[str]]) -> tuple[bytes, bytes]:
@@ -24,6 +36,18 @@ def token_hashes(items: Sequence[str | Sequence[str]]) -> tuple[bytes, bytes]:
 
 def rows_to_bytes(rows: Sequence[Sequence[int]], width: int) -> bytes:
     return np.array(rows, dtype=np.uint32).reshape(len(rows), width).tobytes()
+
+
+def sketches(items: Sequence[str | Sequence[str]], num_perm: int, seed: int) -> bytes:
+    """``(len(items), num_perm)`` uint32 R-MinHash digests, row-major, by rensa."""
+    hashes, offsets = token_hashes(items)
+    matrix = RMinHash.digest_matrix_from_flat_token_hashes(
+        np.frombuffer(hashes, dtype=np.uint64),
+        np.frombuffer(offsets, dtype=np.uint64),
+        num_perm,
+        seed,
+    )
+    return rows_to_bytes(matrix.to_rows(), num_perm)
 
 
 class NearIndex:
@@ -71,6 +95,33 @@ class NearIndex:
 
     def offer(self, digests: bytes, row: int) -> int:
         return -1 if self.query(digests, row) else self.add(digests, row)
+
+    def decide(
+        self,
+        digests: bytes,
+        rids: Sequence[bytes],
+        chashes: Sequence[bytes],
+        known_rids: set[bytes],
+        known_content: set[bytes],
+    ) -> list[int]:
+        """A batch's duplicate decisions, in order: ``DUP_ID`` (its rid is stored or
+        earlier in the batch), ``DUP_CONTENT`` (its content hash is), ``DUP_NEAR``
+        (``offer`` refused it), else the key ``offer`` gave it."""
+        seen_rids: set[bytes] = set()
+        seen_content: set[bytes] = set()
+        out = []
+        for j, (rid, chash) in enumerate(zip(rids, chashes, strict=True)):
+            if rid in known_rids or rid in seen_rids:
+                out.append(DUP_ID)
+            elif chash in known_content or chash in seen_content:
+                out.append(DUP_CONTENT)
+            else:
+                key = self.offer(digests, j)
+                if key >= 0:
+                    seen_rids.add(rid)
+                    seen_content.add(chash)
+                out.append(key)  # -1 is DUP_NEAR
+        return out
 
     def remove(self, key: int) -> None:
         d = self.digests.pop(key, None)

@@ -28,11 +28,12 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
+import itertools
 import json
 import os
 import sqlite3
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -69,11 +70,13 @@ KEY_WIDTH, DEDUP_BLOCK_KEYS, DEDUP_FANOUT = 17, 224, 8
 # Version 2: the 12-byte nonce leads the payload (no nonce or nbytes columns) and
 # records have no (retired, seq) index: every ledger query scans live records by seq
 # anyway, and each column and index costs every insert (bench/RESULTS.md).
-# Version 3: no index on rid or chash; the dedup keys live in sorted runs (above).
+# Version 3: no index on rid or chash, the dedup keys live in sorted runs (above);
+# seqs are handed out by the store (meta "records_high_water", one update a batch)
+# instead of AUTOINCREMENT (a write to sqlite_sequence a row).
 _TABLES = {
     "meta": "meta(key TEXT PRIMARY KEY, value BLOB NOT NULL)",
     "records": """records(
-    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    seq INTEGER PRIMARY KEY,           -- never handed out twice (records_high_water)
     rid BLOB NOT NULL,                 -- keyed hash of producer id, else of content
     chash BLOB NOT NULL,               -- keyed hash of normalised content
     grp BLOB NOT NULL,                 -- keyed hash of label/first tag (balancing)
@@ -119,6 +122,15 @@ _MIGRATE = {
         "records": "seq, rid, chash, grp, arrived, ts, payload, elig, queries, retired"
     },
 }
+
+
+_INSERT_RECORDS = (
+    "INSERT INTO records(seq, rid, chash, grp, arrived, ts, payload) "
+    "SELECT ?1 + j.key, substr(?2, j.key * 16 + 1, 16), "
+    "substr(?3, j.key * 16 + 1, 16), substr(?4, j.key * 16 + 1, 16), ?5, "
+    "j.value ->> 0, "
+    "substr(?6, j.value ->> 1, j.value ->> 2) FROM json_each(?7) AS j"
+)
 
 
 class StoreError(FedstreamError):
@@ -254,6 +266,7 @@ class Store:
             raise StoreError(f"cannot open store {path}: {err}") from None
         self._aead = AESGCM(key)
         self._mac = hmac.new(key, b"fedstream hash key v1", hashlib.sha256).digest()
+        self._reader: sqlite3.Connection | None = None  # dedup lookups
         self._check_key()
 
     def _create_or_migrate(self) -> None:
@@ -280,6 +293,7 @@ class Store:
                 else:
                     cur.execute(f"CREATE TABLE IF NOT EXISTS {table}")
             if version < SCHEMA_VERSION:
+                self._carry_high_water(cur)
                 cur.execute("DROP INDEX IF EXISTS records_live")
                 cur.execute("DROP INDEX IF EXISTS records_chash")
                 self._rebuild_dedup(cur)
@@ -287,6 +301,10 @@ class Store:
                 "INSERT INTO meta VALUES('schema_version', ?) ON CONFLICT(key) "
                 "DO UPDATE SET value = excluded.value",
                 (str(SCHEMA_VERSION).encode(),),
+            )
+            cur.execute(
+                "INSERT OR IGNORE INTO meta "
+                "VALUES('records_high_water', CAST('0' AS BLOB))"
             )
             cur.execute("COMMIT")
         except BaseException:
@@ -309,6 +327,18 @@ class Store:
         if row is not None:
             cur.execute("DELETE FROM sqlite_sequence WHERE name=?", (name,))
             cur.execute("INSERT INTO sqlite_sequence VALUES(?, ?)", (name, row[0]))
+
+    @staticmethod
+    def _carry_high_water(cur: sqlite3.Cursor) -> None:
+        """Layouts 1 and 2 counted seqs in sqlite_sequence (AUTOINCREMENT)."""
+        row = cur.execute(
+            "SELECT MAX(seq) FROM (SELECT seq FROM sqlite_sequence WHERE "
+            "name='records' UNION ALL SELECT MAX(seq) FROM records)"
+        ).fetchone()
+        cur.execute(
+            "INSERT OR REPLACE INTO meta VALUES('records_high_water', ?)",
+            (str(int(row[0] or 0)).encode(),),
+        )
 
     # -- dedup keys: sorted runs ------------------------------------------------------
     @staticmethod
@@ -367,7 +397,7 @@ class Store:
     @staticmethod
     def _high_water(cur: sqlite3.Cursor | sqlite3.Connection) -> int:
         row = cur.execute(
-            "SELECT seq FROM sqlite_sequence WHERE name='records'"
+            "SELECT value FROM meta WHERE key='records_high_water'"
         ).fetchone()
         return 0 if row is None else int(row[0])
 
@@ -379,8 +409,14 @@ class Store:
         if not keys:
             return set()
         found: set[bytes] = set()
-        cur = self.db.cursor()
-        # one snapshot: a merge by another writer cannot move keys between reads
+        # Its own connection: lookups for the next batch run while this one's
+        # commit is in flight (Ingestor.submit_stream). One snapshot: a merge by
+        # another writer cannot move keys between the reads.
+        if self._reader is None:
+            self._reader = sqlite3.connect(
+                self.path, isolation_level=None, check_same_thread=False
+            )
+        cur = self._reader.cursor()
         cur.execute("BEGIN")
         try:
             runs = [r[0] for r in cur.execute("SELECT run FROM dedup_runs")]
@@ -455,51 +491,63 @@ class Store:
 
         Raises ``QuotaExceeded`` (nothing written) if the quota would be exceeded.
         """
+        return self.begin_commit(batch)()
+
+    def begin_commit(self, batch: Batch) -> Callable[[], list[int]]:
+        """``commit`` in two steps: this one seals the records, checks quota and
+        conflicts, opens the transaction and writes all but the records; the
+        function it returns writes the records and commits (one SQLite statement
+        each, so another thread can run it while this one goes on without waiting
+        for the GIL). Nothing else may use the store's connection in between; on
+        any error the transaction is rolled back, nothing written."""
         now = time.time()
-        rows = []
-        nonces = os.urandom(12 * len(batch.records))  # one random 96-bit nonce each
+        recs = batch.records
+        nonces = os.urandom(12 * len(recs))  # one random 96-bit nonce each
+        nonces_ = [nonces[i : i + 12] for i in range(0, len(nonces), 12)]
         encrypt, dumps = self._aead.encrypt, orjson.dumps
-        for i, (rid, chash, grp, ts, content) in enumerate(batch.records):
-            nonce = nonces[12 * i : 12 * i + 12]
-            try:
-                payload = nonce + encrypt(nonce, dumps(content), rid)
-            except TypeError:  # what orjson refuses, json may write: as _seal
-                payload = self._seal(content, rid, nonce)
-            rows.append((rid, chash, grp, now, ts or now, payload))
+        try:
+            payloads = [
+                nonce + encrypt(nonce, dumps(r[4]), r[0])
+                for nonce, r in zip(nonces_, recs, strict=True)
+            ]
+        except TypeError:  # what orjson refuses, json may write: as _seal
+            payloads = [
+                self._seal(r[4], r[0], nonce)
+                for nonce, r in zip(nonces_, recs, strict=True)
+            ]
         qrows = []
         for reason, source, raw in batch.quarantine:
             payload = self._seal({"raw": base64.b64encode(raw).decode()}, b"q")
             qrows.append((now, reason, source, payload))
-        incoming = sum(len(r[5]) for r in rows) + sum(len(q[3]) for q in qrows)
-        if self.quota_bytes and self.bytes_used() + incoming > self.quota_bytes:
+        if (
+            self.quota_bytes
+            and self.bytes_used()
+            + sum(map(len, payloads))
+            + sum(len(q[3]) for q in qrows)
+            > self.quota_bytes
+        ):
             raise QuotaExceeded(
                 f"store {self.path} is at its quota ({self.quota_bytes} bytes); "
                 "raise store.quota_bytes or lower store.retention_days"
             )
-        seqs = []
+        seqs: list[int] = []
         cur = self.db.cursor()
         cur.execute("BEGIN IMMEDIATE")
         try:
-            if (
-                rows
-                and batch.decided_at is not None
-                and self._high_water(cur) != batch.decided_at
-            ):
-                raise Conflict(
-                    f"another writer stored records in {self.path} meanwhile"
+            if recs:
+                # under the write lock: one transaction's rows get consecutive seqs
+                first = self._high_water(cur) + 1
+                if batch.decided_at is not None and first != batch.decided_at + 1:
+                    raise Conflict(
+                        f"another writer stored records in {self.path} meanwhile"
+                    )
+                seqs = list(range(first, first + len(recs)))
+                cur.execute(
+                    "UPDATE meta SET value=? WHERE key='records_high_water'",
+                    (str(seqs[-1]).encode(),),
                 )
-            if rows:
-                cur.executemany(
-                    "INSERT INTO records(rid, chash, grp, arrived, ts, payload) "
-                    "VALUES (?,?,?,?,?,?)",
-                    rows,
-                )
-                # AUTOINCREMENT under the write lock: one transaction's rows get
-                # consecutive seqs, ending at the last one inserted.
-                last = int(cur.execute("SELECT last_insert_rowid()").fetchone()[0])
-                seqs = list(range(last - len(rows) + 1, last + 1))
-                keys = [b"r" + r[0] for r in rows] + [b"c" + r[1] for r in rows]
-                self._add_run(cur, last, 0, _sorted_keys(keys))
+                keys = [b"r" + r[0] for r in recs] + [b"c" + r[1] for r in recs]
+                self._add_run(cur, seqs[-1], 0, _sorted_keys(keys))
                 self._compact(cur)
             cur.executemany(
                 "INSERT INTO quarantine(arrived, reason, source, payload) "
@@ -516,11 +564,39 @@ class Store:
                 "DO UPDATE SET value = excluded.value",
                 list(batch.offsets.items()),
             )
-            cur.execute("COMMIT")
+            # The records in one statement: fixed-width keys cut from three blobs,
+            # payloads from a fourth by (ts, start, length) triples in a JSON array
+            # (a JSON number reads back as the same float: tested).
+            starts = list(itertools.accumulate(map(len, payloads), initial=1))
+            params = (
+                seqs[0] if seqs else 0,
+                b"".join(r[0] for r in recs),
+                b"".join(r[1] for r in recs),
+                b"".join(r[2] for r in recs),
+                now,
+                b"".join(payloads),
+                orjson.dumps(
+                    [
+                        (r[3] or now, start, len(p))
+                        for r, start, p in zip(recs, starts, payloads, strict=False)
+                    ]
+                ).decode(),
+            )
         except BaseException:
             cur.execute("ROLLBACK")
             raise
-        return seqs
+
+        def finish() -> list[int]:
+            try:
+                if recs:
+                    cur.execute(_INSERT_RECORDS, params)
+                cur.execute("COMMIT")
+            except BaseException:
+                cur.execute("ROLLBACK")
+                raise
+            return seqs
+
+        return finish
 
     # -- reads ----------------------------------------------------------------------
     def bytes_used(self) -> int:
@@ -708,4 +784,6 @@ class Store:
             yield reason, source, raw
 
     def close(self) -> None:
+        if self._reader is not None:
+            self._reader.close()
         self.db.close()

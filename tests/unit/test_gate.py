@@ -308,3 +308,37 @@ def test_native_normalise_is_pythons_on_ascii_and_declines_the_rest():
     assert normalise("  Größe\u00a0X  ") == "größe x"
     with pytest.raises(TypeError):
         native(b"bytes")
+
+
+def test_one_pass_fast_lane_gives_the_gates_own_verdicts():
+    """Gate.inspect_many parses, screens and normalises the usual shape in one native
+    pass (client._native.clean_records); every verdict equals the general path's:
+    edge cases, planted PII, generated records, the bench's records."""
+    import random
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
+    from ingest import make_records
+
+    rng = random.Random(3)
+    words = ["ward", "note", "12", "4821", "a@b.io", "+44 20 7946 0958", "x", "  "]
+    words += PLANTED.values()
+    generated = [
+        json.dumps(
+            {
+                "text": " ".join(rng.choice(words) for _ in range(8)),
+                **({"id": f"i{i}"} if i % 2 else {}),
+                **({"tags": ["t", "u"][: i % 3]} if i % 4 else {}),
+                **({"ts": rng.uniform(0, 1e10)} if i % 5 == 0 else {}),
+            }
+        ).encode()
+        for i in range(3000)
+    ]
+    raws = [*_FAST_CASES, *generated, *make_records(2000)]
+    gate = Gate()
+    fast = gate.inspect_many(raws)
+    assert fast == gate._inspect_many(raws)
+    kinds = {type(v).__name__ for v in fast}
+    assert kinds == {"Clean", "Rejected"}
+    assert sum(isinstance(v, Clean) and bool(v.pii) for v in fast) > 500

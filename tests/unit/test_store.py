@@ -27,7 +27,7 @@ def near_impl(request, monkeypatch):
         import client.ingest
         import client.near_py
 
-        for name in ("KeyFilter", "NearIndex", "rows_to_bytes", "token_hashes"):
+        for name in ("KeyFilter", "NearIndex", "sketches"):
             monkeypatch.setattr(client.ingest, name, getattr(client.near_py, name))
     return request.param
 
@@ -278,7 +278,7 @@ def test_a_record_stored_by_another_writer_meanwhile_is_decided_again(tmp_path):
         json.dumps({"text": "another note on ward rounds", "id": "x"}).encode(),
         "t",
     )
-    real_commit = store.commit
+    real_commit = store.begin_commit
     raced = []
 
     def commit_after_the_other_writer(batch):
@@ -290,7 +290,7 @@ def test_a_record_stored_by_another_writer_meanwhile_is_decided_again(tmp_path):
             raced.append("conflict")
             raise
 
-    store.commit = commit_after_the_other_writer
+    store.begin_commit = commit_after_the_other_writer
     acks = ing.submit([record, fresh])
     assert raced == ["STORED", "conflict"]
     assert [a.status for a in acks] == ["DUPLICATE", "STORED"]
@@ -574,7 +574,7 @@ def test_native_and_python_near_duplicates_decide_alike(tmp_path, monkeypatch):
     acks = []
     for impl in ("native", "python"):
         if impl == "python":
-            for name in ("KeyFilter", "NearIndex", "rows_to_bytes", "token_hashes"):
+            for name in ("KeyFilter", "NearIndex", "sketches"):
                 monkeypatch.setattr(client.ingest, name, getattr(client.near_py, name))
         store = Store(tmp_path / f"{impl}.db", load_key(tmp_path / "key"))
         ing = Ingestor(store)
@@ -614,3 +614,29 @@ def test_batched_keyed_hashes_are_the_stores_keyed_hash(tmp_path, sha_extensions
     finally:
         _native.use_sha_extensions(before)
     store.close()
+
+
+def test_records_keep_their_exact_ts_and_content(tmp_path):
+    """The records of a batch go into SQLite in one statement (their ts through a
+    JSON array): every ts reads back as the same float, every payload opens to its
+    content."""
+    import random
+
+    rng = random.Random(5)
+    tss = [rng.uniform(0, 1e11 - 1) for _ in range(300)] + [1e-7, 5e-324, 0.1, 1 / 3]
+    store = _open(tmp_path)
+    items = [
+        (
+            json.dumps(
+                {"text": f"reading {i} of sensor {i * 7919 % 1000}", "ts": ts}
+            ).encode(),
+            "t",
+        )
+        for i, ts in enumerate(tss)
+    ]
+    acks = Ingestor(store, near_threshold=1.01).submit(items)
+    assert {a.status for a in acks} == {"STORED"}
+    got = list(store.iter_records())
+    assert [r.ts for r in got] == tss
+    assert [r.content["text"] for r in got] == [json.loads(r)["text"] for r, _ in items]
+    assert [r.seq for r in got] == [a.seq for a in acks] == list(range(1, len(tss) + 1))

@@ -1,0 +1,168 @@
+"""Ingestor.submit_stream: batch k+1 decided while batch k commits, with the same
+decisions as one submit a batch, and nothing wrong left behind when a commit fails."""
+
+import json
+
+import pytest
+
+from client.ingest import Ingestor
+from client.store import Conflict, QuotaExceeded, Store, load_key
+
+
+def _open(tmp_path, name="store.db", **kw):
+    return Store(tmp_path / name, load_key(tmp_path / "store.key"), **kw)
+
+
+def _batches(n_batches=6, size=40):
+    """Records with redeliveries and copies inside and across batch boundaries, and
+    near-duplicates of records in the batch before."""
+    out = []
+    for b in range(n_batches):
+        batch = [
+            {
+                "text": f"shift {b} note {i}: patient in ward {i % 7} is stable, "
+                f"observations every {i % 5 + 1} hours",
+                "id": f"b{b}.{i}",
+            }
+            for i in range(size)
+        ]
+        if b:
+            prev = out[-1]
+            batch[0] = prev[-1]  # redelivered from the batch in flight
+            batch[1] = {"text": prev[-2]["text"], "id": f"copy{b}"}  # its content
+            batch[2] = {"text": prev[-3]["text"] + " ok", "id": f"near{b}"}  # near
+            batch[3] = batch[4]  # redelivered within the batch
+        out.append(batch)
+    return [[(json.dumps(r).encode(), "t") for r in batch] for batch in out]
+
+
+def _summary(acks):
+    return [(a.status, a.reason, a.seq) for a in acks]
+
+
+def test_stream_decides_exactly_as_one_submit_a_batch(tmp_path):
+    batches = _batches()
+    unary = Ingestor(_open(tmp_path, "u.db"))
+    stream = Ingestor(_open(tmp_path, "s.db"))
+    one_by_one = [_summary(unary.submit(b)) for b in batches]
+    streamed = [_summary(a) for a in stream.submit_stream((b, None) for b in batches)]
+    assert streamed == one_by_one
+    reasons = {r for batch in streamed for _, r, _ in batch}
+    assert {"already stored", "duplicate", "near_duplicate", ""} <= reasons
+    assert stream.store.counters() == unary.store.counters()
+    assert [r.content for r in stream.store.iter_records()] == [
+        r.content for r in unary.store.iter_records()
+    ]
+
+
+def test_a_failed_commit_in_a_stream_leaves_nothing_of_the_next_batch(tmp_path):
+    """Batch 3's commit fails on the disk while batch 4 is decided: the error comes
+    out, batches 1-2 are stored, and batches 3-4 can be stored afterwards (nothing of
+    them stays in the filter or the near-duplicate horizon)."""
+    batches = _batches(5)
+    store = _open(tmp_path)
+    ing = Ingestor(store)
+    real = store.begin_commit
+    calls = []
+
+    def begin(batch):
+        finish = real(batch)
+        calls.append(len(batch.records))
+        if len(calls) != 3:
+            return finish
+
+        def broken():  # as finish() when the disk fails: rolled back, raised
+            store.db.execute("ROLLBACK")
+            raise OSError("disk I/O error")
+
+        return broken
+
+    store.begin_commit = begin
+    got = []
+    with pytest.raises(OSError, match="disk I/O error"):
+        for acks in ing.submit_stream((b, None) for b in batches):
+            got.append(acks)
+    assert len(got) == 2
+    store.begin_commit = real
+    assert store.count() == sum(a.status == "STORED" for acks in got for a in acks)
+    again = ing.submit(batches[2]) + ing.submit(batches[3])
+    assert [(a.status, a.reason) for a in again] == _reference(tmp_path, batches, 2, 4)
+
+
+def _reference(tmp_path, batches, start, stop):
+    """(status, reason) of batches[start:stop] after batches[:start], one submit a
+    batch into a fresh store."""
+    fresh = Ingestor(_open(tmp_path, f"ref{start}.db"))
+    for b in batches[:start]:
+        fresh.submit(b)
+    return [(a.status, a.reason) for b in batches[start:stop] for a in fresh.submit(b)]
+
+
+def test_quota_reached_in_a_stream_stops_it_with_nothing_half_written(tmp_path):
+    batches = _batches(4)
+    probe = Ingestor(_open(tmp_path, "probe.db"))
+    for b in batches[:2]:
+        probe.submit(b)
+    store = _open(tmp_path, quota_bytes=probe.store.bytes_used() + 1000)
+    ing = Ingestor(store)
+    got = []
+    with pytest.raises(QuotaExceeded):
+        for acks in ing.submit_stream((b, None) for b in batches):
+            got.append(acks)
+    assert len(got) == 2
+    stored = store.count()
+    store.quota_bytes = 0
+    acks = ing.submit(batches[2])  # none lost to a phantom of the refused batch
+    assert [(a.status, a.reason) for a in acks] == _reference(tmp_path, batches, 2, 3)
+    assert store.count() == stored + sum(a.status == "STORED" for a in acks) > stored
+
+
+def test_a_source_failing_mid_stream_still_settles_the_commit_in_flight(tmp_path):
+    """The batch iterator raises while a commit is in flight: the commit completes and
+    its records count as stored (a redelivery of them is a duplicate)."""
+    batches = _batches(3)
+
+    def source():
+        yield batches[0], None
+        yield batches[1], None
+        raise ConnectionError("broker gone")
+
+    ing = Ingestor(_open(tmp_path))
+    seen = []
+    with pytest.raises(ConnectionError):
+        for acks in ing.submit_stream(source()):
+            seen.append(acks)
+    assert len(seen) == 1  # batch 2 was committed, its acks never handed out
+    stored = ing.store.count()
+    assert stored == sum(s == "STORED" for s, _ in _reference(tmp_path, batches, 0, 2))
+    again = ing.submit(batches[1])
+    assert {a.status for a in again} <= {"DUPLICATE", "QUARANTINED"}
+    assert ing.store.count() == stored
+
+
+def test_another_writer_storing_during_a_stream_is_decided_again(tmp_path):
+    batches = _batches(3)
+    store = _open(tmp_path)
+    other = Ingestor(_open(tmp_path))
+    ing = Ingestor(store)
+    real = store.begin_commit
+    conflicts = []
+
+    def begin(batch):
+        if not conflicts:  # the other writer stores batch 2's first record first
+            other.submit(batches[1][5:6])
+        try:
+            return real(batch)
+        except Conflict:
+            conflicts.append(1)
+            raise
+
+    store.begin_commit = begin
+    out = list(ing.submit_stream((b, None) for b in batches))
+    assert conflicts == [1]
+    assert out[1][5].status == "DUPLICATE"
+    rows = store.db.execute("SELECT COUNT(*), COUNT(DISTINCT rid) FROM records")
+    assert (
+        rows.fetchone()[0]
+        == store.db.execute("SELECT COUNT(DISTINCT rid) FROM records").fetchone()[0]
+    )
