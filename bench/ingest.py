@@ -58,6 +58,9 @@ def main() -> None:
     p.add_argument("--records", type=int, default=20_000)
     p.add_argument("--batch", type=int, default=256)
     p.add_argument("--chunk", type=int, default=8, help="batches between switches")
+    p.add_argument(
+        "--workers", type=int, default=1, help="pipeline: worker processes (0: none)"
+    )
     p.add_argument("--sync", choices=["FULL", "NORMAL"], default="FULL")
     p.add_argument(
         "--step-s",
@@ -78,7 +81,11 @@ def main() -> None:
             name: Store(Path(tmp) / f"{name}.db", key, synchronous=args.sync)
             for name in ("pipeline", "unary")
         }
-        ingestors = {name: Ingestor(store) for name, store in stores.items()}
+        ingestors = {
+            "pipeline": Ingestor(stores["pipeline"], workers=args.workers),
+            "unary": Ingestor(stores["unary"]),
+        }
+        ingestors["pipeline"].start_workers()  # spawned before the clock starts
         bare = sqlite3.connect(Path(tmp) / "bare.db", isolation_level=None)
         bare.execute("PRAGMA journal_mode=WAL")
         bare.execute(f"PRAGMA synchronous={args.sync}")
@@ -106,6 +113,7 @@ def main() -> None:
             spent["unary"] += t2 - t1
             spent["bare"] += t3 - t2
         counters = {name: store.counters() for name, store in stores.items()}
+        ingestors["pipeline"].close()
         for store in stores.values():
             store.close()
         bare.close()
@@ -119,6 +127,7 @@ def main() -> None:
                 "batch": args.batch,
                 "synchronous": args.sync,
                 "chunk": args.chunk,
+                "workers": args.workers,
                 "pipeline_records_per_s": round(rate["pipeline"], 1),
                 "unary_records_per_s": round(rate["unary"], 1),
                 "bare_sqlite_records_per_s": round(rate["bare"], 1),

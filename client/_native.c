@@ -1623,11 +1623,13 @@ static PyObject *py_pii_screen(PyObject *Py_UNUSED(mod), PyObject *texts) {
 
 /* ---- clean_records: the gate's fast path, PII screen and key text in one pass ----
  *
- * clean_records(raws, max_raw_bytes, max_text_bytes, max_tags, max_field_chars)
- * -> list of (content, ts, key_text) | (content, ts, None) | None per input:
- * simple_records' result, and for a text that pii_screen would pass (nothing to
- * replace) its key text, normalise(text); None in the third place when pii_screen
- * flags the text (client.gate scrubs it, then normalises). */
+ * clean_records(raws, max_raw_bytes, max_text_bytes, max_tags, max_field_chars,
+ *               clean, no_pii)
+ * -> list of clean(content, ts, key_text, no_pii) | (content, ts) | None per input:
+ * simple_records' result; for a text that pii_screen would pass (nothing to
+ * replace) the finished record, a tuple of type `clean` (client.gate.Clean, a
+ * NamedTuple) with its key text normalise(text); a plain (content, ts) when
+ * pii_screen flags the text (client.gate scrubs it, then normalises). */
 
 static PyObject *normalised_ascii(const unsigned char *s, Py_ssize_t n) {
     PyObject *out = PyUnicode_New(n, 127);
@@ -1654,10 +1656,16 @@ static PyObject *normalised_ascii(const unsigned char *s, Py_ssize_t n) {
 }
 
 static PyObject *py_clean_records(PyObject *Py_UNUSED(mod), PyObject *args) {
-    PyObject *raws;
+    PyObject *raws, *no_pii;
+    PyTypeObject *clean;
     Py_ssize_t max_raw, max_text, max_tags, max_field;
-    if (!PyArg_ParseTuple(args, "Onnnn", &raws, &max_raw, &max_text, &max_tags, &max_field))
+    if (!PyArg_ParseTuple(args, "OnnnnO!O", &raws, &max_raw, &max_text, &max_tags,
+                          &max_field, &PyType_Type, &clean, &no_pii))
         return NULL;
+    if (!PyType_IsSubtype(clean, &PyTuple_Type) || clean->tp_itemsize != sizeof(PyObject *)) {
+        PyErr_SetString(PyExc_TypeError, "clean_records(): the record type must be a tuple type");
+        return NULL;
+    }
     PyObject *seq = PySequence_Fast(raws, "clean_records() takes a list");
     if (!seq) return NULL;
     Py_ssize_t n = PySequence_Fast_GET_SIZE(seq);
@@ -1679,19 +1687,24 @@ static PyObject *py_clean_records(PyObject *Py_UNUSED(mod), PyObject *args) {
             PyObject *text = PyDict_GetItemString(content, "text"); /* borrowed */
             const unsigned char *s = PyUnicode_1BYTE_DATA(text);
             Py_ssize_t len = PyUnicode_GET_LENGTH(text);
-            PyObject *key;
-            if (screen_text(s, len)) {
-                key = Py_None;
-                Py_INCREF(key);
-            } else {
-                key = normalised_ascii(s, len);
-                if (!key) {
+            if (screen_text(s, len)) { /* (content, ts): client.gate scrubs it */
+                item = Py_BuildValue("(Nd)", content, ts);
+                if (!item) goto fail;
+            } else { /* clean(content, ts, key_text, no_pii), a tuple of that type */
+                PyObject *key = normalised_ascii(s, len), *t = PyFloat_FromDouble(ts);
+                item = key && t ? clean->tp_alloc(clean, 4) : NULL;
+                if (!item) {
+                    Py_XDECREF(key);
+                    Py_XDECREF(t);
                     Py_DECREF(content);
                     goto fail;
                 }
+                Py_INCREF(no_pii);
+                PyTuple_SET_ITEM(item, 0, content);
+                PyTuple_SET_ITEM(item, 1, t);
+                PyTuple_SET_ITEM(item, 2, key);
+                PyTuple_SET_ITEM(item, 3, no_pii);
             }
-            item = Py_BuildValue("(NdN)", content, ts, key);
-            if (!item) goto fail;
         } else {
             Py_INCREF(Py_None);
         }
@@ -1708,6 +1721,61 @@ fail:
     return NULL;
 }
 
+/* ---- sort_keys: the store's sorted runs of dedup keys ------------------------------
+ *
+ * sort_keys(parts, width) -> bytes: the distinct width-byte keys held in parts (each
+ * a bytes object of whole keys: one key, or a run's blob), sorted bytewise, as one
+ * blob. client.store's runs and their merges. */
+
+static size_t sort_width;
+
+static int cmp_keys(const void *a, const void *b) { return memcmp(a, b, sort_width); }
+
+static PyObject *py_sort_keys(PyObject *Py_UNUSED(mod), PyObject *args) {
+    PyObject *parts;
+    Py_ssize_t width;
+    if (!PyArg_ParseTuple(args, "On", &parts, &width)) return NULL;
+    if (width <= 0 || width > 64) {
+        PyErr_SetString(PyExc_ValueError, "sort_keys(): width in 1..64");
+        return NULL;
+    }
+    PyObject *seq = PySequence_Fast(parts, "sort_keys() takes a list of bytes");
+    if (!seq) return NULL;
+    Py_ssize_t n = PySequence_Fast_GET_SIZE(seq), total = 0;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *p = PySequence_Fast_GET_ITEM(seq, i);
+        if (!PyBytes_Check(p) || PyBytes_GET_SIZE(p) % width) {
+            PyErr_SetString(PyExc_ValueError, "sort_keys(): parts are bytes of whole keys");
+            Py_DECREF(seq);
+            return NULL;
+        }
+        total += PyBytes_GET_SIZE(p);
+    }
+    char *buf = PyMem_Malloc(total ? total : 1);
+    if (!buf) {
+        Py_DECREF(seq);
+        return PyErr_NoMemory();
+    }
+    Py_ssize_t at = 0;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *p = PySequence_Fast_GET_ITEM(seq, i);
+        memcpy(buf + at, PyBytes_AS_STRING(p), PyBytes_GET_SIZE(p));
+        at += PyBytes_GET_SIZE(p);
+    }
+    Py_DECREF(seq);
+    size_t keys = (size_t)(total / width), kept = 0;
+    sort_width = (size_t)width; /* under the GIL: one sort at a time */
+    qsort(buf, keys, (size_t)width, cmp_keys);
+    for (size_t i = 0; i < keys; i++) {
+        if (kept && !memcmp(buf + (kept - 1) * width, buf + i * width, width)) continue;
+        if (kept != i) memmove(buf + kept * width, buf + i * width, width);
+        kept++;
+    }
+    PyObject *out = PyBytes_FromStringAndSize(buf, (Py_ssize_t)(kept * width));
+    PyMem_Free(buf);
+    return out;
+}
+
 static PyMethodDef module_methods[] = {
     {"pii_screen", py_pii_screen, METH_O,
      "pii_screen(texts) -> [index]: the texts that need client.pii's exact path."},
@@ -1718,8 +1786,10 @@ static PyMethodDef module_methods[] = {
     {"keyed_hashes", py_keyed_hashes, METH_VARARGS,
      "keyed_hashes(key, prefix, items) -> [HMAC-SHA256(key, prefix + item)[:16]]."},
     {"clean_records", py_clean_records, METH_VARARGS,
-     "clean_records(raws, max_raw_bytes, max_text_bytes, max_tags, max_field_chars)"
-     " -> [(content, ts, key_text | None) | None]: the gate's fast path and PII screen."},
+     "clean_records(raws, max_raw_bytes, max_text_bytes, max_tags, max_field_chars, "
+     "clean, no_pii) -> [clean | (content, ts) | None]: the gate's fast path."},
+    {"sort_keys", py_sort_keys, METH_VARARGS,
+     "sort_keys(parts, width) -> bytes: the distinct keys in parts, sorted, as one blob."},
     {"simple_records", py_simple_records, METH_VARARGS,
      "simple_records(raws, max_raw_bytes, max_text_bytes, max_tags, max_field_chars)"
      " -> [(content, ts) | None]: the gate's fast path."},

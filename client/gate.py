@@ -132,22 +132,38 @@ class Gate:
         # native pass (parse, checks, screen, key text); the rest, including the
         # texts the screen flags, takes the path below.
         try:
-            fast = clean_records(
-                raws, s.max_raw_bytes, s.max_text_bytes, s.max_tags, s.max_field_chars
+            out: list[Any] = clean_records(
+                raws,
+                s.max_raw_bytes,
+                s.max_text_bytes,
+                s.max_tags,
+                s.max_field_chars,
+                Clean,
+                NO_PII,
             )
         except Exception:  # e.g. MemoryError: the gate itself never raises
             return self._inspect_many(raws)
-        out: list[Clean | Rejected | None] = [
-            None if f is None or f[2] is None else Clean(f[0], f[1], f[2], NO_PII)
-            for f in fast
-        ]
+        # Screened as holding PII, a plain (content, ts): scrubbed here (as
+        # _Checked.finish does), without parsing them again.
+        flagged = [i for i, f in enumerate(out) if type(f) is tuple]
+        if flagged:
+            try:
+                done = self.scrubber.scrub_many([out[i][0]["text"] for i in flagged])
+            except Exception:  # the path below finds the input at fault
+                done = []
+            for i in flagged[len(done) :]:
+                out[i] = None
+            for i, scrubbed in zip(flagged, done, strict=False):
+                content, ts = out[i]
+                content["text"] = scrubbed.text
+                out[i] = Clean(content, ts, normalise(scrubbed.text), scrubbed.counts)
         rest = [i for i, c in enumerate(out) if c is None]
         if rest:
             for i, verdict in zip(
                 rest, self._inspect_many([raws[i] for i in rest]), strict=True
             ):
                 out[i] = verdict
-        return out  # type: ignore[return-value]  # every position is set
+        return out  # every position is set
 
     def _inspect_many(
         self, raws: list[bytes | dict[str, Any]]

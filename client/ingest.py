@@ -31,30 +31,36 @@ decides batch k+1 while batch k commits, counting k's records as stored.
 from __future__ import annotations
 
 import json
-import re
+import logging
 import threading
 import time
+from collections import deque
 from collections.abc import Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 try:
-    from client._native import KeyFilter, NearIndex, sketches
+    from client._native import KeyFilter, NearIndex
 except ImportError:  # not built (a Flower App bundle ships sources): same, slower
-    from client.near_py import (  # type: ignore[assignment]
-        KeyFilter,
-        NearIndex,
-        sketches,
-    )
-from client.gate import Clean, Gate, Rejected, normalise
+    from client.near_py import KeyFilter, NearIndex  # type: ignore[assignment]
+from client.front import (
+    NUM_PERM,
+    SKETCH_SEED,
+    Front,
+    Fronted,
+    FrontPool,
+    shingles,
+    sketch_texts,
+)
+from client.gate import Gate, normalise
 from client.near_py import DUP_CONTENT, DUP_ID
 from client.store import Batch, Conflict, Store, StoreError
 
-__all__ = ["DUPLICATE", "QUARANTINED", "STORED", "Ack", "Ingestor"]
+__all__ = ["DUPLICATE", "QUARANTINED", "STORED", "Ack", "Ingestor", "shingles"]
 
 STORED, DUPLICATE, QUARANTINED = "STORED", "DUPLICATE", "QUARANTINED"
-_PUNCT = re.compile(r"[^\w\s]+")
+log = logging.getLogger(__name__)
 
 
 class Ack(NamedTuple):
@@ -68,14 +74,6 @@ _CONFLICT_TRIES = 8  # another writer storing at the same moment: decide again
 # 2**26 bits (8 MiB), 4 probes: false positives about 1 in 5,000 at a million stored
 # records (two keys each), 1 in 4 at ten million; only the speed changes with them.
 KNOWN_FILTER_LOG2, KNOWN_FILTER_K = 26, 4
-
-
-def shingles(key_text: str) -> list[str]:
-    """Word 3-grams ("costs." and "costs" are one word); the whole text if shorter."""
-    w = _PUNCT.sub(" ", key_text).split()
-    if len(w) < 3:
-        return [" ".join(w)]
-    return list(map(" ".join, zip(w, w[1:], w[2:], strict=False)))
 
 
 class NearDuplicates:
@@ -93,9 +91,9 @@ class NearDuplicates:
         *,
         horizon: int,
         threshold: float,
-        num_perm: int = 128,
+        num_perm: int = NUM_PERM,
         bands: int = 16,
-        seed: int = 17,
+        seed: int = SKETCH_SEED,
     ) -> None:
         # 16 bands of 8 rows: a pair at Jaccard 0.8 becomes a candidate with
         # probability 1-(1-0.8^8)^16 = 0.95, a pair at 0.3 with 0.001.
@@ -109,13 +107,7 @@ class NearDuplicates:
 
     def sketch_many(self, key_texts: list[str]) -> bytes:
         """``(len(key_texts), num_perm)`` uint32 digests, row-major."""
-        # ASCII texts are cut into shingles natively (words are the [A-Za-z0-9_]
-        # runs there); others need Unicode word characters, so Python cuts them.
-        return sketches(
-            [t if t.isascii() else shingles(t) for t in key_texts],
-            self.num_perm,
-            self.seed,
-        )
+        return sketch_texts(key_texts, self.num_perm, self.seed)
 
     def query(self, sketches: bytes, row: int = 0) -> bool:
         return self.index.query(sketches, row)
@@ -141,8 +133,8 @@ def _raw_bytes(raw: bytes | dict[str, Any]) -> bytes:
     return json.dumps(raw, default=repr, ensure_ascii=False).encode("utf-8", "replace")
 
 
-def _content_bytes(clean: Clean) -> bytes:
-    obj = {**clean.content, **({"ts": clean.ts} if clean.ts else {})}
+def _content_bytes(content: dict[str, Any], ts: float) -> bytes:
+    obj = {**content, **({"ts": ts} if ts else {})}
     return json.dumps(obj, ensure_ascii=False).encode()
 
 
@@ -182,10 +174,18 @@ class Ingestor:
         horizon: int = 10_000,
         near_threshold: float = 0.8,
         known_filter_log2: int = KNOWN_FILTER_LOG2,
+        workers: int = 0,
     ) -> None:
+        """``workers``: processes that run the stateless half of a stream's batches
+        (client.front) on other cores; 0: all in this process."""
         self.store = store
         self.gate = gate or Gate()
         self.near = NearDuplicates(horizon=horizon, threshold=near_threshold)
+        self.front = Front(
+            self.gate, store.keys, num_perm=self.near.num_perm, seed=self.near.seed
+        )
+        self.workers = workers
+        self._pool: FrontPool | None = None
         self.lock = threading.Lock()
         self.known_filter = KeyFilter(log2_bits=known_filter_log2, k=KNOWN_FILTER_K)
         self._filtered_upto = 0  # records up to this seq are in the filter
@@ -251,10 +251,12 @@ class Ingestor:
         with self.lock, ThreadPoolExecutor(1, thread_name_prefix="commit") as pool:
             inflight: tuple[Future[list[int]], _Prepared] | None = None
             try:
-                for items, offsets_ in batches:
-                    offsets = offsets_ or {}
+                for items, offsets, fronted in self._fronted(batches):
                     prep = self._prepare(
-                        items, offsets, after=inflight[1] if inflight else None
+                        items,
+                        offsets,
+                        after=inflight[1] if inflight else None,
+                        fronted=fronted,
                     )
                     if inflight is not None:
                         done, inflight = inflight, None
@@ -289,6 +291,59 @@ class Ingestor:
                         self._settle(*inflight)
                     except BaseException:
                         self._undo(inflight[1])
+
+    def _fronted(
+        self,
+        batches: Iterable[tuple[list[tuple[bytes | dict[str, Any], str]], Offsets]],
+    ) -> Iterator[
+        tuple[list[tuple[bytes | dict[str, Any], str]], Offsets, Fronted | None]
+    ]:
+        """The batches with their stateless half done by the workers, up to
+        ``workers + 1`` batches ahead (None: done here, when there are none)."""
+        if not self.workers:
+            for items, offsets in batches:
+                yield items, offsets or {}, None
+            return
+        self.start_workers()
+        pool = self._pool
+        assert pool is not None
+        source = iter(batches)
+        ahead: deque[tuple[Any, Offsets, Future[Fronted] | None]] = deque()
+        while True:
+            while len(ahead) <= self.workers:
+                nxt = next(source, None)
+                if nxt is None:
+                    break
+                items, offsets = nxt
+                raws = [raw for raw, _ in items]
+                future = pool.submit(raws) if self._pool is pool else None
+                ahead.append((items, offsets or {}, future))
+            if not ahead:
+                return
+            items, offsets, future = ahead.popleft()
+            fronted: Fronted | None = None
+            try:
+                fronted = future.result() if future is not None else None
+            except Exception as err:  # a worker lost: the same function, here
+                log.warning("ingest worker failed (%s); checking batches here", err)
+                if self._pool is pool:
+                    self._pool = None
+                    pool.close()
+            yield items, offsets, fronted
+
+    def start_workers(self) -> None:
+        """Start the worker processes now (else the first stream starts them) and
+        wait until they are ready."""
+        if self.workers and self._pool is None:
+            self._pool = FrontPool(self.front, self.workers)
+            for future in [self._pool.submit([]) for _ in range(self.workers)]:
+                future.result()
+
+    def close(self) -> None:
+        """Stop the worker processes, if any."""
+        if self._pool is not None:
+            self._pool.close()
+            self._pool = None
 
     def _submit(
         self, items: list[tuple[bytes | dict[str, Any], str]], offsets: Offsets
@@ -334,9 +389,11 @@ class Ingestor:
         offsets: Offsets,
         *,
         after: _Prepared | None = None,
+        fronted: Fronted | None = None,
     ) -> _Prepared:
         """Everything of ``submit`` but the commit. ``after``: a batch whose commit
-        is in flight; its records count as stored."""
+        is in flight; its records count as stored. ``fronted``: the stateless half,
+        done already (by a worker)."""
         # With a commit in flight, let its thread take the GIL at a few points: it
         # needs it only briefly between SQLite calls, but would otherwise wait for
         # the interpreter's switch interval (5 ms, about a whole batch here).
@@ -345,32 +402,13 @@ class Ingestor:
         if items:
             batch.count("received", len(items))
         acks: list[Ack | None] = [None] * len(items)
-        verdicts = self.gate.inspect_many([raw for raw, _ in items])
+        fr = fronted or self.front.run([raw for raw, _ in items])
         pause()
-        passed = [pos for pos, v in enumerate(verdicts) if type(v) is Clean]
-        if len(passed) < len(items):
-            for pos, verdict in enumerate(verdicts):
-                if isinstance(verdict, Rejected):
-                    raw, source = items[pos]
-                    self._quarantine(batch, verdict.reason, source, _raw_bytes(raw))
-                    acks[pos] = Ack(QUARANTINED, verdict.reason)
-        cleans: list[Clean] = [verdicts[pos] for pos in passed]  # type: ignore[misc]
-        contents = [c.content for c in cleans]
-        key_texts = [c.key_text for c in cleans]
-        # Keyed hashes a batch at a time: content, producer id (else the content's),
-        # balancing group (label, else first tag).
-        hashes = self.store.keyed_hashes
-        chashes = hashes(b"c:", key_texts)
-        pause()
-        rids = list(chashes)
-        with_id = [j for j, c in enumerate(contents) if "id" in c]
-        if with_id:
-            ids = hashes(b"i:", [contents[j]["id"] for j in with_id])
-            for j, rid in zip(with_id, ids, strict=True):
-                rids[j] = rid
-        names = [c.get("label") or next(iter(c.get("tags", ())), "") for c in contents]
-        distinct = list(dict.fromkeys(names))
-        groups = dict(zip(distinct, hashes(b"g:", distinct), strict=True))
+        for pos, reason in fr.rejected:
+            raw, source = items[pos]
+            self._quarantine(batch, reason, source, _raw_bytes(raw))
+            acks[pos] = Ack(QUARANTINED, reason)
+        passed, rids, chashes = fr.passed, fr.rids, fr.chashes
 
         # Decided against what is stored up to ``decided_at``: a record stored by
         # another writer after it makes the commit raise Conflict, and the batch is
@@ -389,17 +427,14 @@ class Ingestor:
         if after is not None:
             known_rids |= after.rids.intersection(rids)
             known_content |= after.chashes.intersection(chashes)
-        # Sketched in one native call; the few exact duplicates among them are waste
-        # worth less than a second pass. Each kept record is indexed as it is
-        # decided, so later records of the batch see it; removed again if the
-        # commit fails.
-        sketches = self.near.sketch_many(key_texts)
         pause()
+        # Each kept record is indexed as it is decided, so later records of the
+        # batch see it; removed again if the commit fails.
         decided = self.near.index.decide(
-            sketches, rids, chashes, known_rids, known_content
+            fr.sketches, rids, chashes, known_rids, known_content
         )
         keep = [j for j, v in enumerate(decided) if v >= 0]
-        if len(keep) < len(cleans):
+        if len(keep) < len(passed):
             for j, v in enumerate(decided):
                 if v == DUP_ID:
                     batch.count("duplicates")
@@ -407,15 +442,16 @@ class Ingestor:
                 elif v < 0:
                     reason = "duplicate" if v == DUP_CONTENT else "near_duplicate"
                     source = items[passed[j]][1]
-                    self._quarantine(batch, reason, source, _content_bytes(cleans[j]))
+                    content = self.store._open(fr.payloads[j], rids[j])
+                    raw = _content_bytes(content, fr.tss[j])
+                    self._quarantine(batch, reason, source, raw)
                     acks[passed[j]] = Ack(QUARANTINED, reason)
-        batch.records = [
-            (rids[j], chashes[j], groups[names[j]], cleans[j].ts, contents[j])
-            for j in keep
-        ]
+        tss, groups = fr.tss, fr.groups
+        batch.records = [(rids[j], chashes[j], groups[j], tss[j], None) for j in keep]
+        batch.payloads = [fr.payloads[j] for j in keep]
         for j in keep:
-            if cleans[j].pii:
-                for kind, n in cleans[j].pii.items():
+            if j in fr.pii:
+                for kind, n in fr.pii[j].items():
                     batch.count(f"pii:{kind}", n)
         if keep:
             batch.count("stored", len(keep))

@@ -17,6 +17,7 @@ __all__ = [
     "NearIndex",
     "rows_to_bytes",
     "sketches",
+    "sort_keys",
     "token_hashes",
 ]
 
@@ -32,6 +33,13 @@ def token_hashes(items: Sequence[str | Sequence[str]]) -> tuple[bytes, bytes]:
     flat = np.array([h for row in hashes for h in row], dtype=np.uint64)
     offsets = np.cumsum([0, *map(len, hashes)], dtype=np.uint64)
     return flat.tobytes(), offsets.tobytes()
+
+
+def sort_keys(parts: Sequence[bytes], width: int) -> bytes:
+    if not 0 < width <= 64 or any(len(p) % width for p in parts):
+        raise ValueError("sort_keys(): parts are bytes of whole keys, width in 1..64")
+    keys = {p[i : i + width] for p in parts for i in range(0, len(p), width)}
+    return b"".join(sorted(keys))
 
 
 def rows_to_bytes(rows: Sequence[Sequence[int]], width: int) -> bytes:

@@ -243,7 +243,7 @@ class Scrubber:
             results = scrub_ascii([texts[i] for i in order])
             for i, got in zip(order, results, strict=True):
                 if got is not None:
-                    native[i] = Scrubbed(got[0], Counter(got[1]) if got[1] else NO_PII)
+                    native[i] = Scrubbed(got[0], got[1] or NO_PII)  # a fresh dict
         return [
             native.get(i) or (self.scrub(t) if i in flagged else Scrubbed(t, NO_PII))
             for i, t in enumerate(texts)

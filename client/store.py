@@ -45,13 +45,15 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from common.errors import FedstreamError
 
 try:
-    from client._native import keyed_hashes
+    from client._native import keyed_hashes, sort_keys
 except ImportError:  # not built (a Flower App bundle ships sources): hmac per item
     keyed_hashes = None  # type: ignore[assignment]
+    from client.near_py import sort_keys
 
 __all__ = [
     "Conflict",
     "KeyError_",
+    "Keys",
     "QuotaExceeded",
     "Store",
     "StoreError",
@@ -150,13 +152,9 @@ class Conflict(StoreError):
     nothing was written (decide again and retry)."""
 
 
-def _sorted_keys(keys: list[bytes]) -> bytes:
-    """The distinct keys, sorted, as one blob."""
-    return b"".join(sorted(set(keys)))
-
-
-def _split(blob: bytes) -> list[bytes]:
-    return [blob[i : i + KEY_WIDTH] for i in range(0, len(blob), KEY_WIDTH)]
+def _sorted_keys(parts: list[bytes]) -> bytes:
+    """The distinct keys in ``parts`` (single keys or runs), sorted, as one blob."""
+    return sort_keys(parts, KEY_WIDTH)
 
 
 def _block_has(block: bytes, key: bytes) -> bool:
@@ -211,6 +209,59 @@ def load_key(key_file: Path | None, *, create: bool = True) -> bytes:
     return key
 
 
+class Keys:
+    """The store key's two uses, apart from the store (client.front's worker
+    processes get one): AES-GCM sealing of record content, and keyed hashes (HMAC
+    with a key derived from the store key)."""
+
+    def __init__(self, key: bytes) -> None:
+        self.key = key
+        self.aead = AESGCM(key)
+        self.mac = hmac.new(key, b"fedstream hash key v1", hashlib.sha256).digest()
+
+    def __reduce__(self) -> tuple[type[Keys], tuple[bytes]]:
+        return Keys, (self.key,)
+
+    def keyed_hash(self, data: bytes) -> bytes:
+        return hmac.digest(self.mac, data, "sha256")[:16]
+
+    def keyed_hashes(self, prefix: bytes, items: list[str]) -> list[bytes]:
+        """``keyed_hash(prefix + item.encode())`` of each item."""
+        if keyed_hashes is not None:
+            return keyed_hashes(self.mac, prefix, items)
+        return [self.keyed_hash(prefix + item.encode()) for item in items]
+
+    def seal(
+        self, obj: dict[str, Any], aad: bytes, nonce: bytes | None = None
+    ) -> bytes:
+        """``nonce || AES-GCM(obj as JSON)``."""
+        nonce = nonce or os.urandom(12)
+        try:
+            blob = orjson.dumps(obj)
+        except TypeError:  # e.g. a lone surrogate: orjson refuses what json writes
+            blob = json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode()
+        return nonce + self.aead.encrypt(nonce, blob, aad)
+
+    def seal_many(
+        self, contents: list[dict[str, Any]], aads: list[bytes]
+    ) -> list[bytes]:
+        """``seal`` of each content with its aad (the record's rid); one random
+        96-bit nonce each."""
+        nonces = os.urandom(12 * len(contents))
+        nonces_ = [nonces[i : i + 12] for i in range(0, len(nonces), 12)]
+        encrypt, dumps = self.aead.encrypt, orjson.dumps
+        try:
+            return [
+                nonce + encrypt(nonce, dumps(c), aad)
+                for nonce, c, aad in zip(nonces_, contents, aads, strict=True)
+            ]
+        except TypeError:  # what orjson refuses, json may write: as seal
+            return [
+                self.seal(c, aad, nonce)
+                for nonce, c, aad in zip(nonces_, contents, aads, strict=True)
+            ]
+
+
 @dataclass(frozen=True)
 class StoredRecord:
     seq: int
@@ -224,12 +275,14 @@ class StoredRecord:
 class Batch:
     """Rows to write in one transaction (built by the ingest pipeline)."""
 
-    records: list[tuple[bytes, bytes, bytes, float, dict[str, Any]]] = field(
+    records: list[tuple[bytes, bytes, bytes, float, dict[str, Any] | None]] = field(
         default_factory=list
-    )  # (rid, chash, grp, ts, content)
+    )  # (rid, chash, grp, ts, content; None when the payload is sealed already)
     quarantine: list[tuple[str, str, bytes]] = field(default_factory=list)
     counters: dict[str, int] = field(default_factory=dict)
     offsets: dict[str, str] = field(default_factory=dict)
+    # The records' payloads when sealed already (client.front), else sealed here.
+    payloads: list[bytes] | None = None
     # The records' high-water seq when their duplicates were decided: if another
     # writer stored records since, ``commit`` raises ``Conflict`` (None: no check).
     decided_at: int | None = None
@@ -264,8 +317,8 @@ class Store:
             self._create_or_migrate()
         except sqlite3.DatabaseError as err:
             raise StoreError(f"cannot open store {path}: {err}") from None
-        self._aead = AESGCM(key)
-        self._mac = hmac.new(key, b"fedstream hash key v1", hashlib.sha256).digest()
+        self.keys = Keys(key)
+        self._aead = self.keys.aead
         self._reader: sqlite3.Connection | None = None  # dedup lookups
         self._check_key()
 
@@ -375,9 +428,7 @@ class Store:
                     "SELECT run FROM dedup_runs WHERE level=? ORDER BY run", (full[0],)
                 )
             ]
-            merged = _sorted_keys(
-                [k for run in runs for k in _split(Store._run_keys(cur, run))]
-            )
+            merged = _sorted_keys([Store._run_keys(cur, run) for run in runs])
             marks = ",".join("?" * len(runs))
             cur.execute(f"DELETE FROM dedup WHERE run IN ({marks})", runs)
             cur.execute(f"DELETE FROM dedup_runs WHERE run IN ({marks})", runs)
@@ -452,24 +503,16 @@ class Store:
             ) from None
 
     def keyed_hash(self, data: bytes) -> bytes:
-        return hmac.digest(self._mac, data, "sha256")[:16]
+        return self.keys.keyed_hash(data)
 
     def keyed_hashes(self, prefix: bytes, items: list[str]) -> list[bytes]:
         """``keyed_hash(prefix + item.encode())`` of each item."""
-        if keyed_hashes is not None:
-            return keyed_hashes(self._mac, prefix, items)
-        return [self.keyed_hash(prefix + item.encode()) for item in items]
+        return self.keys.keyed_hashes(prefix, items)
 
     def _seal(
         self, obj: dict[str, Any], aad: bytes, nonce: bytes | None = None
     ) -> bytes:
-        """``nonce || AES-GCM(obj as JSON)``."""
-        nonce = nonce or os.urandom(12)
-        try:
-            blob = orjson.dumps(obj)
-        except TypeError:  # e.g. a lone surrogate: orjson refuses what json writes
-            blob = json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode()
-        return nonce + self._aead.encrypt(nonce, blob, aad)
+        return self.keys.seal(obj, aad, nonce)
 
     def _open(self, payload: bytes, aad: bytes) -> dict[str, Any]:
         try:
@@ -502,19 +545,12 @@ class Store:
         any error the transaction is rolled back, nothing written."""
         now = time.time()
         recs = batch.records
-        nonces = os.urandom(12 * len(recs))  # one random 96-bit nonce each
-        nonces_ = [nonces[i : i + 12] for i in range(0, len(nonces), 12)]
-        encrypt, dumps = self._aead.encrypt, orjson.dumps
-        try:
-            payloads = [
-                nonce + encrypt(nonce, dumps(r[4]), r[0])
-                for nonce, r in zip(nonces_, recs, strict=True)
-            ]
-        except TypeError:  # what orjson refuses, json may write: as _seal
-            payloads = [
-                self._seal(r[4], r[0], nonce)
-                for nonce, r in zip(nonces_, recs, strict=True)
-            ]
+        payloads = batch.payloads
+        if payloads is None:
+            payloads = self.keys.seal_many(
+                [r[4] for r in recs],  # type: ignore[misc]  # contents, when unsealed
+                [r[0] for r in recs],
+            )
         qrows = []
         for reason, source, raw in batch.quarantine:
             payload = self._seal({"raw": base64.b64encode(raw).decode()}, b"q")

@@ -24,11 +24,13 @@ def _texts(n):
 def near_impl(request, monkeypatch):
     """client._native, and its pure-Python twin for unbuilt source trees."""
     if request.param == "python":
+        import client.front
         import client.ingest
         import client.near_py
 
-        for name in ("KeyFilter", "NearIndex", "sketches"):
+        for name in ("KeyFilter", "NearIndex"):
             monkeypatch.setattr(client.ingest, name, getattr(client.near_py, name))
+        monkeypatch.setattr(client.front, "sketches", client.near_py.sketches)
     return request.param
 
 
@@ -564,6 +566,7 @@ def test_native_and_python_near_duplicates_decide_alike(tmp_path, monkeypatch):
     """The bench's stream through both implementations: the same acknowledgements."""
     import sys
 
+    import client.front
     import client.ingest
     import client.near_py
 
@@ -574,8 +577,9 @@ def test_native_and_python_near_duplicates_decide_alike(tmp_path, monkeypatch):
     acks = []
     for impl in ("native", "python"):
         if impl == "python":
-            for name in ("KeyFilter", "NearIndex", "sketches"):
+            for name in ("KeyFilter", "NearIndex"):
                 monkeypatch.setattr(client.ingest, name, getattr(client.near_py, name))
+            monkeypatch.setattr(client.front, "sketches", client.near_py.sketches)
         store = Store(tmp_path / f"{impl}.db", load_key(tmp_path / "key"))
         ing = Ingestor(store)
         acks.append(
@@ -640,3 +644,27 @@ def test_records_keep_their_exact_ts_and_content(tmp_path):
     assert [r.ts for r in got] == tss
     assert [r.content["text"] for r in got] == [json.loads(r)["text"] for r, _ in items]
     assert [r.seq for r in got] == [a.seq for a in acks] == list(range(1, len(tss) + 1))
+
+
+def test_sorting_dedup_keys_natively_and_in_python_agree():
+    """client._native.sort_keys (the store's runs and merges) and its Python twin:
+    the distinct keys of single keys and run blobs, sorted bytewise."""
+    import random
+
+    from client._native import sort_keys as native
+    from client.near_py import sort_keys as python
+
+    rng = random.Random(11)
+    keys = [bytes(rng.randrange(4) for _ in range(17)) for _ in range(3000)]
+    runs = [b"".join(sorted(set(keys[i : i + 300]))) for i in range(0, 3000, 300)]
+    for parts in ([], keys, runs, [*runs, *keys[:50]], [b"\x00" * 17, b"\x00" * 17]):
+        got = native(parts, 17)
+        assert got == python(parts, 17)
+        every = {p[i : i + 17] for p in parts for i in range(0, len(p), 17)}
+        assert got == b"".join(sorted(every))
+    assert native(keys, 17) == b"".join(sorted(set(keys)))
+    for bad in (([b"abc"], 17), ([b"a" * 17], 0), (["x" * 17], 17)):
+        with pytest.raises((ValueError, TypeError)):
+            native(*bad)
+        with pytest.raises((ValueError, TypeError)):
+            python(*bad)

@@ -1,0 +1,150 @@
+"""The stateless half of ingestion, which may run in worker processes.
+
+For a batch of raw inputs, everything that depends only on the inputs, the gate's
+settings and the store key: the gate (checks, PII scrubbing), the keyed hashes
+(content, producer id, balancing group), the MinHash sketches of the key texts and
+the sealed payloads (AES-GCM, the rid as associated data). The stateful half, the
+dedup decisions against the store and the near-duplicate horizon and the commit,
+stays in the ingesting process (client.ingest).
+
+``Front.run`` is that function; ``FrontPool`` runs it in spawned worker processes,
+so that a stream's next batches are checked on other cores while this process
+decides and commits (``Ingestor.submit_stream``). A worker holds the store key (it
+seals) and nothing else of the store; it gets the key through its start-up pipe.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import re
+from collections.abc import Mapping
+from concurrent.futures import Future, ProcessPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+from client.gate import Clean, Gate, GateSettings
+from client.store import Keys
+
+try:
+    from client._native import sketches
+except ImportError:  # not built (a Flower App bundle ships sources): same, slower
+    from client.near_py import sketches  # type: ignore[assignment]
+
+__all__ = ["NUM_PERM", "SKETCH_SEED", "Front", "FrontPool", "Fronted", "shingles"]
+
+NUM_PERM, SKETCH_SEED = 128, 17
+_PUNCT = re.compile(r"[^\w\s]+")
+
+
+def shingles(key_text: str) -> list[str]:
+    """Word 3-grams ("costs." and "costs" are one word); the whole text if shorter."""
+    w = _PUNCT.sub(" ", key_text).split()
+    if len(w) < 3:
+        return [" ".join(w)]
+    return list(map(" ".join, zip(w, w[1:], w[2:], strict=False)))
+
+
+def sketch_texts(key_texts: list[str], num_perm: int, seed: int) -> bytes:
+    """``(len(key_texts), num_perm)`` uint32 MinHash digests, row-major."""
+    # ASCII texts are cut into shingles natively (words are the [A-Za-z0-9_] runs
+    # there); others need Unicode word characters, so Python cuts them.
+    return sketches(
+        [t if t.isascii() else shingles(t) for t in key_texts], num_perm, seed
+    )
+
+
+@dataclass
+class Fronted:
+    """A batch through the stateless half; ``j`` indexes the inputs that passed."""
+
+    rejected: list[tuple[int, str]]  # (position, reason) of the gate's rejections
+    passed: list[int]  # positions of the rest, in order
+    rids: list[bytes]  # keyed hash of the producer id, else of the content
+    chashes: list[bytes]  # keyed hash of the normalised content
+    groups: list[bytes]  # keyed hash of the label, else of the first tag
+    tss: list[float]  # 0 = time of arrival
+    pii: dict[int, Mapping[str, int]]  # j -> replacements, where there were any
+    sketches: bytes  # (len(passed), num_perm) uint32
+    payloads: list[bytes]  # nonce || AES-GCM(content as JSON), aad = rid
+
+
+class Front:
+    def __init__(
+        self,
+        gate: Gate,
+        keys: Keys,
+        *,
+        num_perm: int = NUM_PERM,
+        seed: int = SKETCH_SEED,
+    ) -> None:
+        self.gate, self.keys = gate, keys
+        self.num_perm, self.seed = num_perm, seed
+
+    def run(self, raws: list[bytes | dict[str, Any]]) -> Fronted:
+        verdicts = self.gate.inspect_many(raws)
+        passed = [pos for pos, v in enumerate(verdicts) if type(v) is Clean]
+        rejected = []
+        if len(passed) < len(raws):
+            rejected = [
+                (pos, v.reason)  # type: ignore[union-attr]
+                for pos, v in enumerate(verdicts)
+                if type(v) is not Clean
+            ]
+        cleans: list[Clean] = [verdicts[pos] for pos in passed]  # type: ignore[misc]
+        contents = [c.content for c in cleans]
+        key_texts = [c.key_text for c in cleans]
+        hashes = self.keys.keyed_hashes
+        chashes = hashes(b"c:", key_texts)
+        rids = list(chashes)
+        with_id = [j for j, c in enumerate(contents) if "id" in c]
+        if with_id:
+            ids = hashes(b"i:", [contents[j]["id"] for j in with_id])
+            for j, rid in zip(with_id, ids, strict=True):
+                rids[j] = rid
+        names = [c.get("label") or next(iter(c.get("tags", ())), "") for c in contents]
+        distinct = list(dict.fromkeys(names))
+        by_name = dict(zip(distinct, hashes(b"g:", distinct), strict=True))
+        return Fronted(
+            rejected=rejected,
+            passed=passed,
+            rids=rids,
+            chashes=chashes,
+            groups=[by_name[n] for n in names],
+            tss=[c.ts for c in cleans],
+            pii={j: c.pii for j, c in enumerate(cleans) if c.pii},
+            sketches=sketch_texts(key_texts, self.num_perm, self.seed),
+            payloads=self.keys.seal_many(contents, rids),
+        )
+
+
+_WORKER_FRONT: Front | None = None
+
+
+def _start_worker(settings: GateSettings, keys: Keys, num_perm: int, seed: int) -> None:
+    global _WORKER_FRONT
+    _WORKER_FRONT = Front(Gate(settings), keys, num_perm=num_perm, seed=seed)
+
+
+def _run_in_worker(raws: list[bytes | dict[str, Any]]) -> Fronted:
+    assert _WORKER_FRONT is not None
+    return _WORKER_FRONT.run(raws)
+
+
+class FrontPool:
+    """``Front.run`` in ``workers`` spawned processes (spawned, not forked: the
+    agent has gRPC threads). Results come back as futures."""
+
+    def __init__(self, front: Front, workers: int) -> None:
+        self.workers = workers
+        self.pool = ProcessPoolExecutor(
+            workers,
+            mp_context=multiprocessing.get_context("spawn"),
+            initializer=_start_worker,
+            initargs=(front.gate.settings, front.keys, front.num_perm, front.seed),
+        )
+
+    def submit(self, raws: list[bytes | dict[str, Any]]) -> Future[Fronted]:
+        return self.pool.submit(_run_in_worker, raws)
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=True, cancel_futures=True)
