@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import signal
 import sys
 import threading
@@ -55,8 +56,15 @@ class Agent:
                 pii_extra=dict(g.pii_extra),
             )
         )
+        workers = g.workers
+        if workers is None:
+            workers = 1 if (os.cpu_count() or 1) >= 2 else 0
         self.ingestor = Ingestor(
-            self.store, gate, horizon=g.horizon, near_threshold=g.near_threshold
+            self.store,
+            gate,
+            horizon=g.horizon,
+            near_threshold=g.near_threshold,
+            workers=workers,
         )
         self._stop_retention = threading.Event()
         self._retention = threading.Thread(target=self._retention_loop, daemon=True)
@@ -108,6 +116,7 @@ class Agent:
         self._stop_retention.set()
         if self._retention.is_alive():
             self._retention.join()
+        self.ingestor.close()
         self.store.close()
 
     def _retention_loop(self) -> None:

@@ -16,7 +16,10 @@ seals) and nothing else of the store; it gets the key through its start-up pipe.
 from __future__ import annotations
 
 import multiprocessing
+import os
 import re
+import threading
+import time
 from collections.abc import Mapping
 from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass
@@ -120,9 +123,21 @@ class Front:
 _WORKER_FRONT: Front | None = None
 
 
-def _start_worker(settings: GateSettings, keys: Keys, num_perm: int, seed: int) -> None:
+def _start_worker(
+    settings: GateSettings, keys: Keys, num_perm: int, seed: int, parent: int
+) -> None:
     global _WORKER_FRONT
     _WORKER_FRONT = Front(Gate(settings), keys, num_perm=num_perm, seed=seed)
+    # A worker outlives nothing: when the ingesting process dies (kill -9 too), it
+    # exits within half a second. (Not the kernel's parent-death signal: that
+    # follows the thread that spawned the worker, not the process.)
+    threading.Thread(target=_watch_parent, args=(parent,), daemon=True).start()
+
+
+def _watch_parent(parent: int) -> None:
+    while os.getppid() == parent:
+        time.sleep(0.5)
+    os._exit(0)
 
 
 def _run_in_worker(raws: list[bytes | dict[str, Any]]) -> Fronted:
@@ -140,7 +155,13 @@ class FrontPool:
             workers,
             mp_context=multiprocessing.get_context("spawn"),
             initializer=_start_worker,
-            initargs=(front.gate.settings, front.keys, front.num_perm, front.seed),
+            initargs=(
+                front.gate.settings,
+                front.keys,
+                front.num_perm,
+                front.seed,
+                os.getpid(),
+            ),
         )
 
     def submit(self, raws: list[bytes | dict[str, Any]]) -> Future[Fronted]:

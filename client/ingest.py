@@ -240,7 +240,9 @@ class Ingestor:
 
     def submit_stream(
         self,
-        batches: Iterable[tuple[list[tuple[bytes | dict[str, Any], str]], Offsets]],
+        batches: Iterable[
+            tuple[list[tuple[bytes | dict[str, Any], str]], Offsets | None]
+        ],
     ) -> Iterator[list[Ack]]:
         """``submit`` of each ``(items, offsets)`` batch, in order, yielding each
         batch's acks once it is committed; batch k+1 is checked and decided while
@@ -294,7 +296,9 @@ class Ingestor:
 
     def _fronted(
         self,
-        batches: Iterable[tuple[list[tuple[bytes | dict[str, Any], str]], Offsets]],
+        batches: Iterable[
+            tuple[list[tuple[bytes | dict[str, Any], str]], Offsets | None]
+        ],
     ) -> Iterator[
         tuple[list[tuple[bytes | dict[str, Any], str]], Offsets, Fronted | None]
     ]:

@@ -10,13 +10,18 @@ store has committed:
 * ``kafka``: a consumer group member with auto-commit off; offsets are committed to the
   broker only after the store commit (at-least-once), and a redelivered record is a
   duplicate by id or content hash, so it is stored once.
+
+The file tail and the Kafka consumer feed batches through ``Ingestor.submit_stream``:
+the next batch is checked (by the ingest workers, where there are any) while the
+last one commits.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable
+from collections import deque
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -27,6 +32,8 @@ from common.agent_config import GrpcSource, JsonlSource, KafkaSource
 __all__ = ["SOURCES", "GrpcIngest", "JsonlTail", "KafkaConsumer", "Source"]
 
 log = logging.getLogger(__name__)
+Item = tuple[bytes | dict[str, Any], str]
+STREAM_BATCHES = 8  # Kafka: batches a poll, pipelined (decided while one commits)
 
 
 class Source(Protocol):
@@ -110,16 +117,23 @@ class JsonlTail(_Loop):
         if end < 0:
             return False  # an incomplete last line: wait for its newline
         lines = chunk[: end + 1].split(b"\n")[:-1]
-        pos = offset
-        items: list[tuple[bytes | dict[str, Any], str]] = []
-        for line in lines:
-            pos += len(line) + 1
-            if line.strip():
-                items.append((line.rstrip(b"\r"), self.name))
-            if len(items) >= self.cfg.batch:
-                self.ingestor.submit(items, offsets={key: str(pos)})
-                items = []
-        self.ingestor.submit(items, offsets={key: str(pos)})
+
+        def batches() -> Iterator[tuple[list[Item], dict[str, str]]]:
+            pos = offset
+            items: list[Item] = []
+            for line in lines:
+                pos += len(line) + 1
+                if line.strip():
+                    items.append((line.rstrip(b"\r"), self.name))
+                if len(items) >= self.cfg.batch:
+                    yield items, {key: str(pos)}
+                    items = []
+            yield items, {key: str(pos)}  # the offset moves past blank lines too
+
+        # Batch k+1 is checked while batch k commits; each batch's offset is
+        # committed with its records.
+        for _ in self.ingestor.submit_stream(batches()):
+            pass
         return True
 
 
@@ -144,18 +158,40 @@ class KafkaConsumer(_Loop):
         self.consumer.subscribe([cfg.topic])
 
     def poll(self) -> bool:
-        msgs = self.consumer.consume(num_messages=self.cfg.batch, timeout=0.5)
-        items: list[tuple[bytes | dict[str, Any], str]] = []
-        for msg in msgs:
-            if msg.error():
-                log.warning("%s: %s", self.name, msg.error())
-                continue
-            items.append((msg.value() or b"", self.name))
-        if not items:
-            return False
-        self.ingestor.submit(items)
-        self.consumer.commit(asynchronous=False)  # only after the store commit
-        return True
+        """Up to ``STREAM_BATCHES`` batches, each stored and then its offsets
+        committed (batch k+1 is consumed and checked while batch k commits, so
+        the offsets committed are each batch's own, not the consumer's position)."""
+        from confluent_kafka import TopicPartition
+
+        marks: deque[list[Any]] = deque()
+
+        def batches() -> Iterator[tuple[list[Item], None]]:
+            for n in range(STREAM_BATCHES):
+                msgs = self.consumer.consume(
+                    num_messages=self.cfg.batch, timeout=0.5 if n == 0 else 0.0
+                )
+                if not msgs:
+                    return
+                items: list[Item] = []
+                ends: dict[tuple[str, int], int] = {}
+                for msg in msgs:
+                    if msg.error():
+                        log.warning("%s: %s", self.name, msg.error())
+                        continue
+                    items.append((msg.value() or b"", self.name))
+                    topic, part, at = msg.topic(), msg.partition(), msg.offset()
+                    if topic is not None and part is not None and at is not None:
+                        ends[(topic, part)] = at + 1
+                marks.append([TopicPartition(t, p, o) for (t, p), o in ends.items()])
+                yield items, None
+
+        busy = False
+        for _ in self.ingestor.submit_stream(batches()):
+            done = marks.popleft()
+            if done:  # only after the store commit
+                self.consumer.commit(offsets=done, asynchronous=False)
+            busy = True
+        return busy
 
     def close(self) -> None:
         self.consumer.close()

@@ -51,6 +51,14 @@ class GateConfig(FrozenModel):
     pii_extra: dict[str, str] = Field(
         default_factory=dict, description="Extra PII patterns: NAME = regex."
     )
+    workers: int | None = Field(
+        None,
+        ge=0,
+        le=64,
+        description="Processes that check the stream sources' next batches (gate, "
+        "PII, hashes, sketches, sealing) while the agent decides and commits; "
+        "0: all in the agent's process; default 1 with 2 or more CPUs, else 0.",
+    )
 
 
 class GrpcSource(FrozenModel):

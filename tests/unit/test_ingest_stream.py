@@ -166,3 +166,89 @@ def test_another_writer_storing_during_a_stream_is_decided_again(tmp_path):
         rows.fetchone()[0]
         == store.db.execute("SELECT COUNT(DISTINCT rid) FROM records").fetchone()[0]
     )
+
+
+def test_a_stream_through_worker_processes_decides_the_same(tmp_path):
+    """workers=1: the stateless half of each batch runs in a spawned process, ahead;
+    the decisions, acks and stored records are those of one submit a batch. A
+    worker killed mid-stream: the rest is checked in this process, nothing lost."""
+    import os
+    import signal
+
+    batches = _batches(8)
+    unary = Ingestor(_open(tmp_path, "u.db"))
+    expected = [_summary(unary.submit(b)) for b in batches]
+    stream = Ingestor(_open(tmp_path, "s.db"), workers=1)
+    try:
+        stream.start_workers()
+        got = []
+        for i, acks in enumerate(stream.submit_stream((b, None) for b in batches)):
+            got.append(_summary(acks))
+            if i == 2:
+                for pid in list(stream._pool.pool._processes):
+                    os.kill(pid, signal.SIGKILL)
+        assert got == expected
+        assert stream._pool is None and stream.workers == 1  # restarted next stream
+        assert [r.content for r in stream.store.iter_records()] == [
+            r.content for r in unary.store.iter_records()
+        ]
+    finally:
+        stream.close()
+
+
+_HOLDER = """
+import sys, time
+sys.path.insert(0, sys.argv[1])
+from pathlib import Path
+from client.ingest import Ingestor
+from client.store import Store, load_key
+def main():
+    ing = Ingestor(Store(Path(sys.argv[2]) / "w.db", load_key(Path(sys.argv[2]) / "k")),
+                   workers=1)
+    ing.start_workers()
+    print(*ing._pool.pool._processes, flush=True)
+    time.sleep(60)
+if __name__ == "__main__":
+    main()
+"""
+
+
+def test_workers_exit_when_the_ingesting_process_is_killed(tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    script = tmp_path / "holder.py"
+    script.write_text(_HOLDER)
+    root = str(Path(__file__).resolve().parents[2])
+    holder = subprocess.Popen(
+        [sys.executable, str(script), root, str(tmp_path)], stdout=subprocess.PIPE
+    )
+    try:
+        workers = [int(p) for p in holder.stdout.readline().split()]
+        assert workers
+        os.kill(holder.pid, signal.SIGKILL)
+        holder.wait(10)
+        deadline = time.monotonic() + 10
+        alive = workers
+        while alive and time.monotonic() < deadline:
+            time.sleep(0.1)
+            alive = [p for p in alive if _alive(p)]
+        assert not alive, f"workers {alive} outlived their parent"
+    finally:
+        if holder.poll() is None:
+            holder.kill()
+
+
+def _alive(pid):
+    import os
+
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    with open(f"/proc/{pid}/stat") as fh:  # a zombie has exited
+        return fh.read().split(") ")[1][0] != "Z"
