@@ -71,10 +71,12 @@ def main() -> None:
     p.add_argument("--expected-batch", type=int, default=16)
     args = p.parse_args()
 
+    from client.front import tune_gc
     from client.ingest import Ingestor
     from client.store import Store, load_key
 
     records = make_records(args.records)
+    tune_gc()  # as the agent does (client.front.tune_gc)
     with tempfile.TemporaryDirectory() as tmp:
         key = load_key(Path(tmp) / "key")
         stores = {

@@ -367,44 +367,104 @@ static PyObject *NearIndex_remove(NearIndex *self, PyObject *arg) {
     Py_RETURN_NONE;
 }
 
-/* decide(digests, rids, chashes, known_rids, known_content) -> [int]: a batch's
- * duplicate decisions, in order: -2 (DUP_ID: its rid is in known_rids or earlier in
- * the batch), -3 (DUP_CONTENT: its content hash is), -1 (DUP_NEAR: offer refused
- * it), else the key offer gave it. On an error nothing stays indexed.
- * client/near_py.py has the same in Python. */
+/* A set of 16-byte keys (pointers into blobs that outlive it), open addressing. */
+typedef struct {
+    const unsigned char **slot;
+    size_t mask;
+} KeySet;
+
+static int keyset_init(KeySet *ks, Py_ssize_t n) {
+    size_t cap = 16;
+    while (cap < 2 * (size_t)n + 2) cap <<= 1;
+    ks->slot = PyMem_Calloc(cap, sizeof *ks->slot);
+    ks->mask = cap - 1;
+    return ks->slot ? 0 : -1;
+}
+
+/* 1 if key is in, else 0 (and added when add) */
+static int keyset_has(KeySet *ks, const unsigned char *key, int add) {
+    size_t i = rd64(key) & ks->mask; /* keyed hashes: uniform already */
+    while (ks->slot[i]) {
+        if (!memcmp(ks->slot[i], key, 16)) return 1;
+        i = (i + 1) & ks->mask;
+    }
+    if (add) ks->slot[i] = key;
+    return 0;
+}
+
+/* key in a Python set of bytes (only asked when the set is not empty) */
+static int pyset_has(PyObject *set, const unsigned char *key) {
+    if (PySet_GET_SIZE(set) == 0) return 0;
+    PyObject *b = PyBytes_FromStringAndSize((const char *)key, 16);
+    if (!b) return -1;
+    int hit = PySet_Contains(set, b);
+    Py_DECREF(b);
+    return hit;
+}
+
+static int key_blob(PyObject *o, Py_buffer *view, const char *what) {
+    if (PyObject_GetBuffer(o, view, PyBUF_SIMPLE) < 0) return -1;
+    if (view->len % 16) {
+        PyErr_Format(PyExc_ValueError, "decide(): %s must hold whole 16-byte keys", what);
+        PyBuffer_Release(view);
+        return -1;
+    }
+    return 0;
+}
+
+/* decide(digests, rids, chashes, known_rids, known_content, prev_rids, prev_chashes)
+ * -> [int]: a batch's duplicate decisions, in order. rids, chashes: the batch's
+ * 16-byte keys, one blob each; prev_*: those of the batch whose commit is in flight
+ * (its records count as stored). -2 (DUP_ID): its rid is in known_rids, prev_rids
+ * or earlier in the batch among the kept; -3 (DUP_CONTENT): its content hash is;
+ * -1 (DUP_NEAR): offer refused it; else the key offer gave it. On an error nothing
+ * stays indexed. client/near_py.py has the same in Python. */
 static PyObject *NearIndex_decide(NearIndex *self, PyObject *args) {
-    Py_buffer view;
-    PyObject *rids, *chashes, *known_rids, *known_content;
-    if (!PyArg_ParseTuple(args, "y*OOO!O!", &view, &rids, &chashes, &PySet_Type,
-                          &known_rids, &PySet_Type, &known_content))
+    Py_buffer view, rv = {0}, cv = {0}, prv = {0}, pcv = {0};
+    PyObject *rids, *chashes, *known_rids, *known_content, *prev_r, *prev_c;
+    if (!PyArg_ParseTuple(args, "y*OOO!O!OO", &view, &rids, &chashes, &PySet_Type,
+                          &known_rids, &PySet_Type, &known_content, &prev_r, &prev_c))
         return NULL;
-    PyObject *out = NULL, *seen_r = NULL, *seen_c = NULL, *cs = NULL;
+    PyObject *out = NULL;
+    KeySet seen_r = {0}, seen_c = {0};
     Py_ssize_t j = 0, n = 0;
-    PyObject *rs = PySequence_Fast(rids, "decide(): rids must be a sequence");
-    if (rs) cs = PySequence_Fast(chashes, "decide(): chashes must be a sequence");
-    if (!cs) goto done;
-    n = PySequence_Fast_GET_SIZE(rs);
-    if (PySequence_Fast_GET_SIZE(cs) != n) {
+    int got = 0;
+    if (key_blob(rids, &rv, "rids") < 0) goto done;
+    got = 1;
+    if (key_blob(chashes, &cv, "chashes") < 0) goto done;
+    got = 2;
+    if (key_blob(prev_r, &prv, "prev_rids") < 0) goto done;
+    got = 3;
+    if (key_blob(prev_c, &pcv, "prev_chashes") < 0) goto done;
+    got = 4;
+    n = rv.len / 16;
+    if (cv.len / 16 != n) {
         PyErr_SetString(PyExc_ValueError, "decide(): rids and chashes differ in length");
         goto done;
     }
-    seen_r = PySet_New(NULL);
-    seen_c = PySet_New(NULL);
-    if (!seen_r || !seen_c) goto done;
+    if (keyset_init(&seen_r, n + prv.len / 16) < 0 ||
+        keyset_init(&seen_c, n + pcv.len / 16) < 0) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    for (Py_ssize_t i = 0; i < prv.len / 16; i++)
+        keyset_has(&seen_r, (const unsigned char *)prv.buf + 16 * i, 1);
+    for (Py_ssize_t i = 0; i < pcv.len / 16; i++)
+        keyset_has(&seen_c, (const unsigned char *)pcv.buf + 16 * i, 1);
     out = PyList_New(n);
     if (!out) goto done;
     for (j = 0; j < n; j++) {
-        PyObject *rid = PySequence_Fast_GET_ITEM(rs, j);
-        PyObject *chash = PySequence_Fast_GET_ITEM(cs, j);
+        const unsigned char *rid = (const unsigned char *)rv.buf + 16 * j;
+        const unsigned char *chash = (const unsigned char *)cv.buf + 16 * j;
         long long verdict;
-        int hit = PySet_Contains(known_rids, rid);
-        if (hit == 0) hit = PySet_Contains(seen_r, rid);
+        int hit = pyset_has(known_rids, rid);
+        if (hit == 0) hit = keyset_has(&seen_r, rid, 0);
         if (hit < 0) goto fail;
         if (hit) {
             verdict = -2;
         } else {
-            hit = PySet_Contains(known_content, chash);
-            if (hit == 0) hit = PySet_Contains(seen_c, chash);
+            hit = pyset_has(known_content, chash);
+            if (hit == 0) hit = keyset_has(&seen_c, chash, 0);
             if (hit < 0) goto fail;
             if (hit) {
                 verdict = -3;
@@ -412,9 +472,9 @@ static PyObject *NearIndex_decide(NearIndex *self, PyObject *args) {
                 const uint32_t *d = row_of(self, &view, j);
                 if (!d) goto fail;
                 verdict = query_digest(self, d) ? -1 : add_digest(self, d);
-                if (verdict >= 0 && (PySet_Add(seen_r, rid) < 0 || PySet_Add(seen_c, chash) < 0)) {
-                    forget_key(self, verdict);
-                    goto fail;
+                if (verdict >= 0) {
+                    keyset_has(&seen_r, rid, 1);
+                    keyset_has(&seen_c, chash, 1);
                 }
             }
         }
@@ -433,10 +493,12 @@ fail:
     }
     Py_CLEAR(out);
 done:
-    Py_XDECREF(seen_r);
-    Py_XDECREF(seen_c);
-    Py_XDECREF(rs);
-    Py_XDECREF(cs);
+    PyMem_Free(seen_r.slot);
+    PyMem_Free(seen_c.slot);
+    if (got >= 1) PyBuffer_Release(&rv);
+    if (got >= 2) PyBuffer_Release(&cv);
+    if (got >= 3) PyBuffer_Release(&prv);
+    if (got >= 4) PyBuffer_Release(&pcv);
     PyBuffer_Release(&view);
     return out;
 }
@@ -487,7 +549,8 @@ static PyMethodDef NearIndex_methods[] = {
      "offer(digests, row) -> key, or -1 for a near-duplicate (then nothing is added)."},
     {"remove", (PyCFunction)NearIndex_remove, METH_O, "remove(key): drop a record."},
     {"decide", (PyCFunction)NearIndex_decide, METH_VARARGS,
-     "decide(digests, rids, chashes, known_rids, known_content) -> [verdict | key]."},
+     "decide(digests, rids, chashes, known_rids, known_content, prev_rids, prev_chashes)"
+     " -> [verdict | key]."},
     {"candidates", (PyCFunction)NearIndex_candidates, METH_VARARGS,
      "candidates(digests, row) -> set of keys sharing a whole band with the row."},
     {NULL, NULL, 0, NULL}};
@@ -560,10 +623,48 @@ static inline uint64_t filter_pos(const KeyFilter *f, uint64_t h1, uint64_t h2, 
     return (h1 + (uint64_t)i * h2) >> (64 - f->log2);
 }
 
+static inline void filter_set(KeyFilter *self, const unsigned char *key) {
+    uint64_t h1 = rd64(key), h2 = rd64(key + 8) | 1;
+    for (int i = 0; i < self->k; i++) {
+        uint64_t p = filter_pos(self, h1, h2, i);
+        self->bits[p >> 6] |= (uint64_t)1 << (p & 63);
+    }
+}
+
+static inline int filter_has(const KeyFilter *self, const unsigned char *key) {
+    uint64_t h1 = rd64(key), h2 = rd64(key + 8) | 1;
+    for (int i = 0; i < self->k; i++) {
+        uint64_t p = filter_pos(self, h1, h2, i);
+        if (!((self->bits[p >> 6] >> (p & 63)) & 1)) return 0;
+    }
+    return 1;
+}
+
+/* keys: a sequence of bytes (at least 16 each), or one bytes of 16-byte keys */
+static int blob_keys(PyObject *keys, const unsigned char **blob, Py_ssize_t *n) {
+    if (!PyBytes_Check(keys)) return 0;
+    if (PyBytes_GET_SIZE(keys) % 16) {
+        PyErr_SetString(PyExc_ValueError, "a KeyFilter blob holds whole 16-byte keys");
+        return -1;
+    }
+    *blob = (const unsigned char *)PyBytes_AS_STRING(keys);
+    *n = PyBytes_GET_SIZE(keys) / 16;
+    return 1;
+}
+
 static PyObject *KeyFilter_add(KeyFilter *self, PyObject *keys) {
+    const unsigned char *blob;
+    Py_ssize_t n;
+    int is_blob = blob_keys(keys, &blob, &n);
+    if (is_blob < 0) return NULL;
+    if (is_blob) {
+        for (Py_ssize_t j = 0; j < n; j++) filter_set(self, blob + 16 * j);
+        self->added += n;
+        Py_RETURN_NONE;
+    }
     PyObject *seq = PySequence_Fast(keys, "KeyFilter.add takes a sequence of bytes");
     if (!seq) return NULL;
-    Py_ssize_t n = PySequence_Fast_GET_SIZE(seq);
+    n = PySequence_Fast_GET_SIZE(seq);
     PyObject **items = PySequence_Fast_ITEMS(seq);
     for (Py_ssize_t j = 0; j < n; j++) {
         const unsigned char *key = filter_key(items[j]);
@@ -571,11 +672,7 @@ static PyObject *KeyFilter_add(KeyFilter *self, PyObject *keys) {
             Py_DECREF(seq);
             return NULL;
         }
-        uint64_t h1 = rd64(key), h2 = rd64(key + 8) | 1;
-        for (int i = 0; i < self->k; i++) {
-            uint64_t p = filter_pos(self, h1, h2, i);
-            self->bits[p >> 6] |= (uint64_t)1 << (p & 63);
-        }
+        filter_set(self, key);
     }
     self->added += n;
     Py_DECREF(seq);
@@ -583,25 +680,36 @@ static PyObject *KeyFilter_add(KeyFilter *self, PyObject *keys) {
 }
 
 static PyObject *KeyFilter_maybe(KeyFilter *self, PyObject *keys) {
-    PyObject *seq = PySequence_Fast(keys, "KeyFilter.maybe takes a sequence of bytes");
-    if (!seq) return NULL;
-    Py_ssize_t n = PySequence_Fast_GET_SIZE(seq);
-    PyObject **items = PySequence_Fast_ITEMS(seq);
+    const unsigned char *blob;
+    Py_ssize_t n;
+    int is_blob = blob_keys(keys, &blob, &n);
+    if (is_blob < 0) return NULL;
     PyObject *out = PyList_New(0);
-    if (!out) {
-        Py_DECREF(seq);
+    if (!out) return NULL;
+    if (is_blob) {
+        for (Py_ssize_t j = 0; j < n; j++) {
+            if (!filter_has(self, blob + 16 * j)) continue;
+            PyObject *key = PyBytes_FromStringAndSize((const char *)blob + 16 * j, 16);
+            if (!key || PyList_Append(out, key) < 0) {
+                Py_XDECREF(key);
+                Py_DECREF(out);
+                return NULL;
+            }
+            Py_DECREF(key);
+        }
+        return out;
+    }
+    PyObject *seq = PySequence_Fast(keys, "KeyFilter.maybe takes a sequence of bytes");
+    if (!seq) {
+        Py_DECREF(out);
         return NULL;
     }
+    n = PySequence_Fast_GET_SIZE(seq);
+    PyObject **items = PySequence_Fast_ITEMS(seq);
     for (Py_ssize_t j = 0; j < n; j++) {
         const unsigned char *key = filter_key(items[j]);
         if (!key) goto fail;
-        uint64_t h1 = rd64(key), h2 = rd64(key + 8) | 1;
-        int all = 1;
-        for (int i = 0; i < self->k && all; i++) {
-            uint64_t p = filter_pos(self, h1, h2, i);
-            all = (self->bits[p >> 6] >> (p & 63)) & 1;
-        }
-        if (all && PyList_Append(out, items[j]) < 0) goto fail;
+        if (filter_has(self, key) && PyList_Append(out, items[j]) < 0) goto fail;
     }
     Py_DECREF(seq);
     return out;
@@ -1776,6 +1884,132 @@ static PyObject *py_sort_keys(PyObject *Py_UNUSED(mod), PyObject *args) {
     return out;
 }
 
+/* ---- columns of a batch: picking the kept records out of blobs ------------------ */
+
+/* gather(blob, width, indices) -> bytes: blob's width-byte items at indices, in order */
+static PyObject *py_gather(PyObject *Py_UNUSED(mod), PyObject *args) {
+    Py_buffer b;
+    Py_ssize_t width;
+    PyObject *indices;
+    if (!PyArg_ParseTuple(args, "y*nO", &b, &width, &indices)) return NULL;
+    PyObject *seq = width > 0 ? PySequence_Fast(indices, "gather() takes a list of int")
+                              : NULL;
+    if (!seq) {
+        if (width <= 0) PyErr_SetString(PyExc_ValueError, "gather(): width must be positive");
+        PyBuffer_Release(&b);
+        return NULL;
+    }
+    Py_ssize_t n = PySequence_Fast_GET_SIZE(seq), items = b.len / width;
+    PyObject *out = PyBytes_FromStringAndSize(NULL, n * width);
+    for (Py_ssize_t k = 0; out && k < n; k++) {
+        Py_ssize_t i = PyLong_AsSsize_t(PySequence_Fast_GET_ITEM(seq, k));
+        if (i == -1 && PyErr_Occurred()) {
+            Py_CLEAR(out);
+        } else if (i < 0 || i >= items) {
+            PyErr_SetString(PyExc_IndexError, "gather(): index out of range");
+            Py_CLEAR(out);
+        } else {
+            memcpy(PyBytes_AS_STRING(out) + k * width, (const char *)b.buf + i * width, width);
+        }
+    }
+    Py_DECREF(seq);
+    PyBuffer_Release(&b);
+    return out;
+}
+
+/* gather_var(blob, starts, indices) -> (bytes, [length]): item i of blob is
+ * blob[starts[i]:starts[i + 1]] (starts: a buffer of uint64, n + 1 of them) */
+static PyObject *py_gather_var(PyObject *Py_UNUSED(mod), PyObject *args) {
+    Py_buffer b, st;
+    PyObject *indices;
+    if (!PyArg_ParseTuple(args, "y*y*O", &b, &st, &indices)) return NULL;
+    PyObject *seq = NULL, *out = NULL, *lens = NULL, *result = NULL;
+    const uint64_t *starts = st.buf;
+    Py_ssize_t items = st.len / 8 - 1, total = 0;
+    if (st.len % 8 || items < 0 || starts[items] > (uint64_t)b.len) {
+        PyErr_SetString(PyExc_ValueError, "gather_var(): starts do not fit the blob");
+        goto done;
+    }
+    for (Py_ssize_t i = 0; i < items; i++)
+        if (starts[i] > starts[i + 1]) {
+            PyErr_SetString(PyExc_ValueError, "gather_var(): starts must not decrease");
+            goto done;
+        }
+    seq = PySequence_Fast(indices, "gather_var() takes a list of int");
+    if (!seq) goto done;
+    Py_ssize_t n = PySequence_Fast_GET_SIZE(seq);
+    for (Py_ssize_t k = 0; k < n; k++) {
+        Py_ssize_t i = PyLong_AsSsize_t(PySequence_Fast_GET_ITEM(seq, k));
+        if (i == -1 && PyErr_Occurred()) goto done;
+        if (i < 0 || i >= items) {
+            PyErr_SetString(PyExc_IndexError, "gather_var(): index out of range");
+            goto done;
+        }
+        total += (Py_ssize_t)(starts[i + 1] - starts[i]);
+    }
+    out = PyBytes_FromStringAndSize(NULL, total);
+    lens = PyList_New(n);
+    if (!out || !lens) goto done;
+    char *at = PyBytes_AS_STRING(out);
+    for (Py_ssize_t k = 0; k < n; k++) {
+        Py_ssize_t i = PyLong_AsSsize_t(PySequence_Fast_GET_ITEM(seq, k));
+        Py_ssize_t len = (Py_ssize_t)(starts[i + 1] - starts[i]);
+        memcpy(at, (const char *)b.buf + starts[i], len);
+        at += len;
+        PyObject *l = PyLong_FromSsize_t(len);
+        if (!l) goto done;
+        PyList_SET_ITEM(lens, k, l);
+    }
+    result = PyTuple_Pack(2, out, lens);
+done:
+    Py_XDECREF(seq);
+    Py_XDECREF(out);
+    Py_XDECREF(lens);
+    PyBuffer_Release(&b);
+    PyBuffer_Release(&st);
+    return result;
+}
+
+/* dedup_keys(rids, chashes) -> bytes: b"r" + rid and b"c" + chash of each record
+ * (16-byte keys, one blob each), distinct and sorted: a store run (client.store) */
+static PyObject *py_dedup_keys(PyObject *Py_UNUSED(mod), PyObject *args) {
+    Py_buffer r, c;
+    if (!PyArg_ParseTuple(args, "y*y*", &r, &c)) return NULL;
+    PyObject *out = NULL;
+    if (r.len % 16 || c.len % 16) {
+        PyErr_SetString(PyExc_ValueError, "dedup_keys(): blobs of whole 16-byte keys");
+        goto done;
+    }
+    Py_ssize_t n = r.len / 16 + c.len / 16;
+    char *buf = PyMem_Malloc(n ? 17 * n : 1);
+    if (!buf) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    for (Py_ssize_t i = 0; i < r.len / 16; i++) {
+        buf[17 * i] = 'r';
+        memcpy(buf + 17 * i + 1, (const char *)r.buf + 16 * i, 16);
+    }
+    for (Py_ssize_t i = 0, o = r.len / 16; i < c.len / 16; i++) {
+        buf[17 * (o + i)] = 'c';
+        memcpy(buf + 17 * (o + i) + 1, (const char *)c.buf + 16 * i, 16);
+    }
+    size_t kept = 0;
+    sort_width = 17;
+    qsort(buf, (size_t)n, 17, cmp_keys);
+    for (Py_ssize_t i = 0; i < n; i++) {
+        if (kept && !memcmp(buf + (kept - 1) * 17, buf + i * 17, 17)) continue;
+        if ((Py_ssize_t)kept != i) memmove(buf + kept * 17, buf + i * 17, 17);
+        kept++;
+    }
+    out = PyBytes_FromStringAndSize(buf, (Py_ssize_t)kept * 17);
+    PyMem_Free(buf);
+done:
+    PyBuffer_Release(&r);
+    PyBuffer_Release(&c);
+    return out;
+}
+
 static PyMethodDef module_methods[] = {
     {"pii_screen", py_pii_screen, METH_O,
      "pii_screen(texts) -> [index]: the texts that need client.pii's exact path."},
@@ -1790,6 +2024,12 @@ static PyMethodDef module_methods[] = {
      "clean, no_pii) -> [clean | (content, ts) | None]: the gate's fast path."},
     {"sort_keys", py_sort_keys, METH_VARARGS,
      "sort_keys(parts, width) -> bytes: the distinct keys in parts, sorted, as one blob."},
+    {"gather", py_gather, METH_VARARGS,
+     "gather(blob, width, indices) -> bytes: the width-byte items at indices."},
+    {"gather_var", py_gather_var, METH_VARARGS,
+     "gather_var(blob, starts, indices) -> (bytes, [length]): variable-length items."},
+    {"dedup_keys", py_dedup_keys, METH_VARARGS,
+     "dedup_keys(rids, chashes) -> bytes: a store run of the records' dedup keys."},
     {"simple_records", py_simple_records, METH_VARARGS,
      "simple_records(raws, max_raw_bytes, max_text_bytes, max_tags, max_field_chars)"
      " -> [(content, ts) | None]: the gate's fast path."},

@@ -41,10 +41,17 @@ from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 try:
-    from client._native import KeyFilter, NearIndex
+    from client._native import KeyFilter, NearIndex, gather, gather_var
 except ImportError:  # not built (a Flower App bundle ships sources): same, slower
-    from client.near_py import KeyFilter, NearIndex  # type: ignore[assignment]
+    from client.near_py import (  # type: ignore[assignment]
+        KeyFilter,
+        NearIndex,
+        gather,
+        gather_var,
+    )
 from client.front import (
+    DUP_CONTENT,
+    DUP_ID,
     NUM_PERM,
     SKETCH_SEED,
     Front,
@@ -54,7 +61,6 @@ from client.front import (
     sketch_texts,
 )
 from client.gate import Gate, normalise
-from client.near_py import DUP_CONTENT, DUP_ID
 from client.store import Batch, Conflict, Store, StoreError
 
 __all__ = ["DUPLICATE", "QUARANTINED", "STORED", "Ack", "Ingestor", "shingles"]
@@ -159,8 +165,6 @@ class _Prepared:
     acks: list[Ack | None]  # set but for the records to store
     stored: list[int]  # their positions in items
     near_keys: list[int]  # their keys in the near-duplicate index
-    rids: set[bytes]
-    chashes: set[bytes]
 
 
 class Ingestor:
@@ -313,18 +317,21 @@ class Ingestor:
         assert pool is not None
         source = iter(batches)
         ahead: deque[tuple[Any, Offsets, Future[Fronted] | None]] = deque()
-        while True:
-            while len(ahead) <= self.workers:
+
+        def fill(upto: int) -> None:
+            while len(ahead) < upto:
                 nxt = next(source, None)
                 if nxt is None:
-                    break
+                    return
                 items, offsets = nxt
                 raws = [raw for raw, _ in items]
                 future = pool.submit(raws) if self._pool is pool else None
                 ahead.append((items, offsets or {}, future))
-            if not ahead:
-                return
+
+        fill(1)
+        while ahead:
             items, offsets, future = ahead.popleft()
+            fill(self.workers + 1)  # the workers stay busy while this one is decided
             fronted: Fronted | None = None
             try:
                 fronted = future.result() if future is not None else None
@@ -377,14 +384,15 @@ class Ingestor:
             self.near.remove(key)
 
     def _finish(self, prep: _Prepared, seqs: list[int]) -> list[Ack]:
-        records = prep.batch.records
+        batch = prep.batch
         if seqs:  # our own records, without reading them back
-            self.known_filter.add([r[0] for r in records] + [r[1] for r in records])
+            self.known_filter.add(batch.rids)
+            self.known_filter.add(batch.chashes)
             if seqs[0] == self._filtered_upto + 1:  # else another writer came between
                 self._filtered_upto = seqs[-1]
-        acks = prep.acks
+        acks, make = prep.acks, Ack._make
         for pos, seq in zip(prep.stored, seqs, strict=True):
-            acks[pos] = Ack(STORED, "", seq)
+            acks[pos] = make((STORED, "", seq))
         return acks  # type: ignore[return-value]  # every position is set
 
     def _prepare(
@@ -412,7 +420,7 @@ class Ingestor:
             raw, source = items[pos]
             self._quarantine(batch, reason, source, _raw_bytes(raw))
             acks[pos] = Ack(QUARANTINED, reason)
-        passed, rids, chashes = fr.passed, fr.rids, fr.chashes
+        passed, rids, chashes = fr.passed, fr.rids, fr.chashes  # 16-byte keys, blobs
 
         # Decided against what is stored up to ``decided_at``: a record stored by
         # another writer after it makes the commit raise Conflict, and the batch is
@@ -423,19 +431,23 @@ class Ingestor:
                 self._load_known(top)  # stored since (by us, or by another process)
         else:  # what the batch in flight will have stored
             assert after.batch.decided_at is not None
-            top = after.batch.decided_at + len(after.batch.records)
+            top = after.batch.decided_at + len(after.batch.tss)
         batch.decided_at = top
         maybe = self.known_filter.maybe
         known_rids = self.store.known(maybe(rids))
         known_content = self.store.content_known(maybe(chashes))
-        if after is not None:
-            known_rids |= after.rids.intersection(rids)
-            known_content |= after.chashes.intersection(chashes)
         pause()
         # Each kept record is indexed as it is decided, so later records of the
-        # batch see it; removed again if the commit fails.
+        # batch see it; removed again if the commit fails. The records of the
+        # batch in flight count as stored.
         decided = self.near.index.decide(
-            fr.sketches, rids, chashes, known_rids, known_content
+            fr.sketches,
+            rids,
+            chashes,
+            known_rids,
+            known_content,
+            after.batch.rids if after else b"",
+            after.batch.chashes if after else b"",
         )
         keep = [j for j, v in enumerate(decided) if v >= 0]
         if len(keep) < len(passed):
@@ -446,16 +458,20 @@ class Ingestor:
                 elif v < 0:
                     reason = "duplicate" if v == DUP_CONTENT else "near_duplicate"
                     source = items[passed[j]][1]
-                    content = self.store._open(fr.payloads[j], rids[j])
+                    content = self.store._open(fr.payload(j), fr.rid(j))
                     raw = _content_bytes(content, fr.tss[j])
                     self._quarantine(batch, reason, source, raw)
                     acks[passed[j]] = Ack(QUARANTINED, reason)
-        tss, groups = fr.tss, fr.groups
-        batch.records = [(rids[j], chashes[j], groups[j], tss[j], None) for j in keep]
-        batch.payloads = [fr.payloads[j] for j in keep]
+        batch.rids = gather(rids, 16, keep)
+        batch.chashes = gather(chashes, 16, keep)
+        batch.groups = gather(fr.groups, 16, keep)
+        tss = fr.tss
+        batch.tss = [tss[j] for j in keep]
+        batch.payloads, batch.lengths = gather_var(fr.payloads, fr.starts, keep)
+        pii = fr.pii
         for j in keep:
-            if j in fr.pii:
-                for kind, n in fr.pii[j].items():
+            if j in pii:
+                for kind, n in pii[j].items():
                     batch.count(f"pii:{kind}", n)
         if keep:
             batch.count("stored", len(keep))
@@ -466,8 +482,6 @@ class Ingestor:
             acks=acks,
             stored=[passed[j] for j in keep],
             near_keys=[decided[j] for j in keep],
-            rids={r[0] for r in batch.records},
-            chashes={r[1] for r in batch.records},
         )
 
     @staticmethod

@@ -3,6 +3,7 @@ Flower App bundle ships sources only): the same sketches and decisions, slower."
 
 from __future__ import annotations
 
+import itertools
 from collections import OrderedDict
 from collections.abc import Sequence
 
@@ -15,14 +16,16 @@ __all__ = [
     "DUP_NEAR",
     "KeyFilter",
     "NearIndex",
+    "dedup_keys",
+    "gather",
+    "gather_var",
     "rows_to_bytes",
     "sketches",
     "sort_keys",
     "token_hashes",
 ]
 
-# NearIndex.decide's verdicts other than a key (>= 0); as client._native's
-DUP_NEAR, DUP_ID, DUP_CONTENT = -1, -2, -3
+from client.front import DUP_CONTENT, DUP_ID, DUP_NEAR
 
 
 def token_hashes(items: Sequence[str | Sequence[str]]) -> tuple[bytes, bytes]:
@@ -33,6 +36,41 @@ def token_hashes(items: Sequence[str | Sequence[str]]) -> tuple[bytes, bytes]:
     flat = np.array([h for row in hashes for h in row], dtype=np.uint64)
     offsets = np.cumsum([0, *map(len, hashes)], dtype=np.uint64)
     return flat.tobytes(), offsets.tobytes()
+
+
+def _keys(blob: bytes, width: int = 16) -> list[bytes]:
+    if len(blob) % width:
+        raise ValueError(f"a blob of whole {width}-byte keys")
+    return [blob[i : i + width] for i in range(0, len(blob), width)]
+
+
+def gather(blob: bytes, width: int, indices: Sequence[int]) -> bytes:
+    if width <= 0:
+        raise ValueError("gather(): width must be positive")
+    items = len(blob) // width
+    if any(not 0 <= i < items for i in indices):
+        raise IndexError("gather(): index out of range")
+    return b"".join(blob[i * width : (i + 1) * width] for i in indices)
+
+
+def gather_var(
+    blob: bytes, starts: Sequence[int], indices: Sequence[int]
+) -> tuple[bytes, list[int]]:
+    if (
+        not starts
+        or starts[-1] > len(blob)
+        or any(a > b for a, b in itertools.pairwise(starts))
+    ):
+        raise ValueError("gather_var(): starts do not fit the blob")
+    if any(not 0 <= i < len(starts) - 1 for i in indices):
+        raise IndexError("gather_var(): index out of range")
+    parts = [blob[starts[i] : starts[i + 1]] for i in indices]
+    return b"".join(parts), [len(p) for p in parts]
+
+
+def dedup_keys(rids: bytes, chashes: bytes) -> bytes:
+    keys = [b"r" + k for k in _keys(rids)] + [b"c" + k for k in _keys(chashes)]
+    return b"".join(sorted(set(keys)))
 
 
 def sort_keys(parts: Sequence[bytes], width: int) -> bytes:
@@ -107,18 +145,26 @@ class NearIndex:
     def decide(
         self,
         digests: bytes,
-        rids: Sequence[bytes],
-        chashes: Sequence[bytes],
+        rids: bytes,
+        chashes: bytes,
         known_rids: set[bytes],
         known_content: set[bytes],
+        prev_rids: bytes = b"",
+        prev_chashes: bytes = b"",
     ) -> list[int]:
-        """A batch's duplicate decisions, in order: ``DUP_ID`` (its rid is stored or
-        earlier in the batch), ``DUP_CONTENT`` (its content hash is), ``DUP_NEAR``
-        (``offer`` refused it), else the key ``offer`` gave it."""
-        seen_rids: set[bytes] = set()
-        seen_content: set[bytes] = set()
+        """A batch's duplicate decisions, in order (rids, chashes: its 16-byte keys,
+        one blob each; prev_*: those of the batch whose commit is in flight):
+        ``DUP_ID`` (its rid is known, in prev_rids or earlier in the batch),
+        ``DUP_CONTENT`` (its content hash is), ``DUP_NEAR`` (``offer`` refused
+        it), else the key ``offer`` gave it."""
+        if len(rids) % 16 or len(chashes) != len(rids):
+            raise ValueError(
+                "decide(): rids and chashes: blobs of as many 16-byte keys"
+            )
+        seen_rids = set(_keys(prev_rids))
+        seen_content = set(_keys(prev_chashes))
         out = []
-        for j, (rid, chash) in enumerate(zip(rids, chashes, strict=True)):
+        for j, (rid, chash) in enumerate(zip(_keys(rids), _keys(chashes), strict=True)):
             if rid in known_rids or rid in seen_rids:
                 out.append(DUP_ID)
             elif chash in known_content or chash in seen_content:
@@ -164,13 +210,15 @@ class KeyFilter:
         shift, mask = 64 - self.log2, (1 << 64) - 1
         return [((h1 + i * h2) & mask) >> shift for i in range(self.k)]
 
-    def add(self, keys: Sequence[bytes]) -> None:
+    def add(self, keys: Sequence[bytes] | bytes) -> None:
+        keys = _keys(keys) if isinstance(keys, bytes) else keys
         for key in keys:
             for p in self._positions(key):
                 self.bits[p >> 3] |= 1 << (p & 7)
         self.added += len(keys)
 
-    def maybe(self, keys: Sequence[bytes]) -> list[bytes]:
+    def maybe(self, keys: Sequence[bytes] | bytes) -> list[bytes]:
+        keys = _keys(keys) if isinstance(keys, bytes) else keys
         return [
             key
             for key in keys

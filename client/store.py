@@ -45,10 +45,10 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from common.errors import FedstreamError
 
 try:
-    from client._native import keyed_hashes, sort_keys
+    from client._native import dedup_keys, keyed_hashes, sort_keys
 except ImportError:  # not built (a Flower App bundle ships sources): hmac per item
     keyed_hashes = None  # type: ignore[assignment]
-    from client.near_py import sort_keys
+    from client.near_py import dedup_keys, sort_keys
 
 __all__ = [
     "Conflict",
@@ -273,16 +273,19 @@ class StoredRecord:
 
 @dataclass
 class Batch:
-    """Rows to write in one transaction (built by the ingest pipeline)."""
+    """Rows to write in one transaction (built by the ingest pipeline). The records
+    are columns: 16-byte keyed hashes back to back (rid, content hash, balancing
+    group), their ts, and their sealed payloads back to back with their lengths."""
 
-    records: list[tuple[bytes, bytes, bytes, float, dict[str, Any] | None]] = field(
-        default_factory=list
-    )  # (rid, chash, grp, ts, content; None when the payload is sealed already)
+    rids: bytes = b""
+    chashes: bytes = b""
+    groups: bytes = b""
+    tss: list[float] = field(default_factory=list)  # 0 = time of arrival
+    payloads: bytes = b""  # nonce || AES-GCM(content), aad = rid (Keys.seal_many)
+    lengths: list[int] = field(default_factory=list)
     quarantine: list[tuple[str, str, bytes]] = field(default_factory=list)
     counters: dict[str, int] = field(default_factory=dict)
     offsets: dict[str, str] = field(default_factory=dict)
-    # The records' payloads when sealed already (client.front), else sealed here.
-    payloads: list[bytes] | None = None
     # The records' high-water seq when their duplicates were decided: if another
     # writer stored records since, ``commit`` raises ``Conflict`` (None: no check).
     decided_at: int | None = None
@@ -537,29 +540,27 @@ class Store:
         return self.begin_commit(batch)()
 
     def begin_commit(self, batch: Batch) -> Callable[[], list[int]]:
-        """``commit`` in two steps: this one seals the records, checks quota and
-        conflicts, opens the transaction and writes all but the records; the
+        """``commit`` in two steps: this one checks quota and conflicts, opens the
+        transaction and writes all but the records; the
         function it returns writes the records and commits (one SQLite statement
         each, so another thread can run it while this one goes on without waiting
         for the GIL). Nothing else may use the store's connection in between; on
         any error the transaction is rolled back, nothing written."""
         now = time.time()
-        recs = batch.records
-        payloads = batch.payloads
-        if payloads is None:
-            payloads = self.keys.seal_many(
-                [r[4] for r in recs],  # type: ignore[misc]  # contents, when unsealed
-                [r[0] for r in recs],
-            )
+        n = len(batch.tss)
+        if not (
+            len(batch.rids) == len(batch.chashes) == len(batch.groups) == 16 * n
+            and len(batch.lengths) == n
+            and sum(batch.lengths) == len(batch.payloads)
+        ):
+            raise ValueError("a batch's record columns differ in length")
         qrows = []
         for reason, source, raw in batch.quarantine:
             payload = self._seal({"raw": base64.b64encode(raw).decode()}, b"q")
             qrows.append((now, reason, source, payload))
         if (
             self.quota_bytes
-            and self.bytes_used()
-            + sum(map(len, payloads))
-            + sum(len(q[3]) for q in qrows)
+            and self.bytes_used() + len(batch.payloads) + sum(len(q[3]) for q in qrows)
             > self.quota_bytes
         ):
             raise QuotaExceeded(
@@ -570,20 +571,19 @@ class Store:
         cur = self.db.cursor()
         cur.execute("BEGIN IMMEDIATE")
         try:
-            if recs:
+            if n:
                 # under the write lock: one transaction's rows get consecutive seqs
                 first = self._high_water(cur) + 1
                 if batch.decided_at is not None and first != batch.decided_at + 1:
                     raise Conflict(
                         f"another writer stored records in {self.path} meanwhile"
                     )
-                seqs = list(range(first, first + len(recs)))
+                seqs = list(range(first, first + n))
                 cur.execute(
                     "UPDATE meta SET value=? WHERE key='records_high_water'",
                     (str(seqs[-1]).encode(),),
                 )
-                keys = [b"r" + r[0] for r in recs] + [b"c" + r[1] for r in recs]
-                self._add_run(cur, seqs[-1], 0, _sorted_keys(keys))
+                self._add_run(cur, seqs[-1], 0, dedup_keys(batch.rids, batch.chashes))
                 self._compact(cur)
             cur.executemany(
                 "INSERT INTO quarantine(arrived, reason, source, payload) "
@@ -603,18 +603,20 @@ class Store:
             # The records in one statement: fixed-width keys cut from three blobs,
             # payloads from a fourth by (ts, start, length) triples in a JSON array
             # (a JSON number reads back as the same float: tested).
-            starts = list(itertools.accumulate(map(len, payloads), initial=1))
+            starts = itertools.accumulate(batch.lengths, initial=1)
             params = (
                 seqs[0] if seqs else 0,
-                b"".join(r[0] for r in recs),
-                b"".join(r[1] for r in recs),
-                b"".join(r[2] for r in recs),
+                batch.rids,
+                batch.chashes,
+                batch.groups,
                 now,
-                b"".join(payloads),
+                batch.payloads,
                 orjson.dumps(
                     [
-                        (r[3] or now, start, len(p))
-                        for r, start, p in zip(recs, starts, payloads, strict=False)
+                        (ts or now, start, length)
+                        for ts, start, length in zip(
+                            batch.tss, starts, batch.lengths, strict=False
+                        )
                     ]
                 ).decode(),
             )
@@ -624,7 +626,7 @@ class Store:
 
         def finish() -> list[int]:
             try:
-                if recs:
+                if n:
                     cur.execute(_INSERT_RECORDS, params)
                 cur.execute("COMMIT")
             except BaseException:

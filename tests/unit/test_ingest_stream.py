@@ -67,7 +67,7 @@ def test_a_failed_commit_in_a_stream_leaves_nothing_of_the_next_batch(tmp_path):
 
     def begin(batch):
         finish = real(batch)
-        calls.append(len(batch.records))
+        calls.append(len(batch.tss))
         if len(calls) != 3:
             return finish
 

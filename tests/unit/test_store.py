@@ -668,3 +668,97 @@ def test_sorting_dedup_keys_natively_and_in_python_agree():
             native(*bad)
         with pytest.raises((ValueError, TypeError)):
             python(*bad)
+
+
+def test_batch_column_helpers_natively_and_in_python_agree():
+    """gather, gather_var, dedup_keys and KeyFilter on blobs: client._native and its
+    Python twin give the same, and the same as plain slicing."""
+    import random
+    from array import array
+
+    import client._native as native
+    import client.near_py as python
+
+    rng = random.Random(2)
+    keys = bytes(rng.randrange(256) for _ in range(16 * 300))
+    keys += keys[:160]  # ten keys twice
+    idx = sorted(rng.sample(range(310), 120))
+    for mod in (native, python):
+        assert mod.gather(keys, 16, idx) == b"".join(
+            keys[16 * i : 16 * i + 16] for i in idx
+        )
+        assert mod.gather(keys, 16, []) == b""
+        with pytest.raises(IndexError):
+            mod.gather(keys, 16, [310])
+    payloads = [
+        bytes(rng.randrange(256) for _ in range(rng.randrange(0, 40)))
+        for _ in range(50)
+    ]
+    starts = array("Q", [0])
+    for p in payloads:
+        starts.append(starts[-1] + len(p))
+    blob = b"".join(payloads)
+    pick = [3, 0, 49, 7, 7]
+    expected = (b"".join(payloads[i] for i in pick), [len(payloads[i]) for i in pick])
+    assert native.gather_var(blob, starts, pick) == expected
+    assert python.gather_var(blob, starts, pick) == expected
+    for mod in (native, python):
+        with pytest.raises(IndexError):
+            mod.gather_var(blob, starts, [50])
+        with pytest.raises(ValueError):
+            mod.gather_var(blob[:-1], starts, [0])
+    chashes = keys[16 * 5 : 16 * 205]
+    run = native.dedup_keys(keys, chashes)
+    assert run == python.dedup_keys(keys, chashes)
+    every = {b"r" + keys[i : i + 16] for i in range(0, len(keys), 16)}
+    every |= {b"c" + chashes[i : i + 16] for i in range(0, len(chashes), 16)}
+    assert run == b"".join(sorted(every)) and len(run) == 17 * (300 + 200)
+    for mod in (native, python):
+        f = mod.KeyFilter(log2_bits=20, k=4)
+        f.add(keys[: 16 * 100])
+        listed = [keys[i : i + 16] for i in range(0, len(keys), 16)]
+        assert f.maybe(keys) == f.maybe(listed)
+        assert set(listed[:100]) <= set(f.maybe(keys))
+        assert len(f) == 100
+
+
+def test_batch_decisions_natively_and_in_python_agree():
+    """NearIndex.decide on key blobs, with the in-flight batch's keys counting as
+    stored: native and Python give the same verdicts, and index the same records."""
+    import random
+
+    import client._native as native
+    import client.near_py as python
+    from client.front import sketch_texts
+
+    rng = random.Random(4)
+    texts = [
+        " ".join(rng.choice("abcdefgh") * rng.randint(1, 3) for _ in range(12))
+        for _ in range(200)
+    ]
+    texts += texts[:20]  # exact copies: near-duplicates when their keys differ
+    sketches = sketch_texts(texts, 128, 17)
+    rids = [rng.randbytes(16) for _ in texts]
+    chashes = [rng.randbytes(16) for _ in texts]
+    rids[30], chashes[31], rids[40] = rids[10], chashes[11], b"p" * 16
+    known_rids, known_content = {rids[50]}, {chashes[60]}
+    prev_r, prev_c = b"p" * 16 + rng.randbytes(16), chashes[70] + rng.randbytes(16)
+    got = []
+    for mod in (native, python):
+        idx = mod.NearIndex(num_perm=128, bands=16, horizon=500, threshold=0.8)
+        got.append(
+            idx.decide(
+                sketches,
+                b"".join(rids),
+                b"".join(chashes),
+                known_rids,
+                known_content,
+                prev_r,
+                prev_c,
+            )
+        )
+        assert len(idx) == sum(v >= 0 for v in got[-1])
+    assert got[0] == got[1]
+    v = got[0]
+    assert v[30] == v[40] == v[50] == -2 and v[31] == v[60] == v[70] == -3
+    assert -1 in v[200:]  # copies under other keys are near-duplicates
