@@ -71,12 +71,12 @@ def main() -> None:
     p.add_argument("--expected-batch", type=int, default=16)
     args = p.parse_args()
 
-    from client.front import tune_gc
+    from client.front import tune_process
     from client.ingest import Ingestor
     from client.store import Store, load_key
 
     records = make_records(args.records)
-    tune_gc()  # as the agent does (client.front.tune_gc)
+    tune_process()  # as the agent does (client.front.tune_process)
     with tempfile.TemporaryDirectory() as tmp:
         key = load_key(Path(tmp) / "key")
         stores = {
@@ -100,7 +100,11 @@ def main() -> None:
         for c in range(0, len(batches), args.chunk):
             chunk = batches[c : c + args.chunk]
             t0 = time.perf_counter()
-            for _ in ingestors["pipeline"].submit_stream((b, None) for b in chunk):
+            stream = ingestors["pipeline"].submit_stream(
+                ((b, None) for b in chunk),
+                acks=False,  # as the stream sources
+            )
+            for _ in stream:
                 pass
             t1 = time.perf_counter()
             for b in chunk:

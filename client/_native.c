@@ -239,6 +239,14 @@ static const uint32_t *row_of(NearIndex *self, Py_buffer *view, Py_ssize_t row) 
 
 #define MAX_BANDS 64
 
+/* the chain heads a digest's bands start at, asked for ahead of its query */
+static void prefetch_heads(const NearIndex *self, const uint32_t *d) {
+    for (int band = 0; band < self->bands; band++) {
+        uint64_t h = band_hash(d + band * self->rows, self->rows);
+        __builtin_prefetch(&self->heads[(size_t)band * (self->mask + 1) + (h & self->mask)]);
+    }
+}
+
 static int query_digest(NearIndex *self, const uint32_t *d) {
     int rows = self->rows, n = self->num_perm;
     uint64_t hs[MAX_BANDS];
@@ -457,6 +465,8 @@ static PyObject *NearIndex_decide(NearIndex *self, PyObject *args) {
         const unsigned char *rid = (const unsigned char *)rv.buf + 16 * j;
         const unsigned char *chash = (const unsigned char *)cv.buf + 16 * j;
         long long verdict;
+        if (j + 1 < n && view.len >= (j + 2) * (Py_ssize_t)self->num_perm * 4)
+            prefetch_heads(self, (const uint32_t *)view.buf + (j + 1) * self->num_perm);
         int hit = pyset_has(known_rids, rid);
         if (hit == 0) hit = keyset_has(&seen_r, rid, 0);
         if (hit < 0) goto fail;
@@ -640,6 +650,14 @@ static inline int filter_has(const KeyFilter *self, const unsigned char *key) {
     return 1;
 }
 
+/* The k words of a key are random places in megabytes of bits: asking for those of a
+ * key a few keys ahead lets the cache misses of several keys overlap. */
+static inline void filter_prefetch(const KeyFilter *self, const unsigned char *key) {
+    uint64_t h1 = rd64(key), h2 = rd64(key + 8) | 1;
+    for (int i = 0; i < self->k; i++)
+        __builtin_prefetch(&self->bits[filter_pos(self, h1, h2, i) >> 6]);
+}
+
 /* keys: a sequence of bytes (at least 16 each), or one bytes of 16-byte keys */
 static int blob_keys(PyObject *keys, const unsigned char **blob, Py_ssize_t *n) {
     if (!PyBytes_Check(keys)) return 0;
@@ -658,7 +676,10 @@ static PyObject *KeyFilter_add(KeyFilter *self, PyObject *keys) {
     int is_blob = blob_keys(keys, &blob, &n);
     if (is_blob < 0) return NULL;
     if (is_blob) {
-        for (Py_ssize_t j = 0; j < n; j++) filter_set(self, blob + 16 * j);
+        for (Py_ssize_t j = 0; j < n; j++) {
+            if (j + 8 < n) filter_prefetch(self, blob + 16 * (j + 8));
+            filter_set(self, blob + 16 * j);
+        }
         self->added += n;
         Py_RETURN_NONE;
     }
@@ -688,6 +709,7 @@ static PyObject *KeyFilter_maybe(KeyFilter *self, PyObject *keys) {
     if (!out) return NULL;
     if (is_blob) {
         for (Py_ssize_t j = 0; j < n; j++) {
+            if (j + 8 < n) filter_prefetch(self, blob + 16 * (j + 8));
             if (!filter_has(self, blob + 16 * j)) continue;
             PyObject *key = PyBytes_FromStringAndSize((const char *)blob + 16 * j, 16);
             if (!key || PyList_Append(out, key) < 0) {

@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from client.front import tune_gc
+from client.front import tune_process
 from client.gate import Gate, GateSettings
 from client.ingest import Ingestor
 from client.sources import SOURCES
@@ -230,7 +230,7 @@ def run(cfg: AgentConfig, *, stop: threading.Event | None = None) -> int:
     if cfg.supernode is not None and cfg.supernode.insecure:
         print(INSECURE_WARNING, file=sys.stderr, flush=True)
     agent = Agent(cfg)
-    tune_gc()
+    tune_process()
 
     def _signal(signum: int, _frame: Any) -> None:
         log.info("Signal %d: draining", signum)

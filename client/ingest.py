@@ -165,6 +165,7 @@ class _Prepared:
     acks: list[Ack | None]  # set but for the records to store
     stored: list[int]  # their positions in items
     near_keys: list[int]  # their keys in the near-duplicate index
+    want_acks: bool = True
 
 
 class Ingestor:
@@ -247,13 +248,17 @@ class Ingestor:
         batches: Iterable[
             tuple[list[tuple[bytes | dict[str, Any], str]], Offsets | None]
         ],
-    ) -> Iterator[list[Ack]]:
+        *,
+        acks: bool = True,
+    ) -> Iterator[list[Ack] | None]:
         """``submit`` of each ``(items, offsets)`` batch, in order, yielding each
-        batch's acks once it is committed; batch k+1 is checked and decided while
-        batch k commits (in another thread, where SQLite and the disk wait without
-        the GIL). Its decisions count batch k's records as stored: should that
-        commit fail, nothing of k+1 is written and the error is raised (another
-        writer storing meanwhile: both are decided again instead)."""
+        batch's acks once it is committed (``acks=False``: None, for sources that
+        need only to know that it is; the counters hold every record's fate);
+        batch k+1 is checked and decided while batch k commits (in another
+        thread, where SQLite and the disk wait without the GIL). Its decisions
+        count batch k's records as stored: should that commit fail, nothing of k+1
+        is written and the error is raised (another writer storing meanwhile: both
+        are decided again instead)."""
         with self.lock, ThreadPoolExecutor(1, thread_name_prefix="commit") as pool:
             inflight: tuple[Future[list[int]], _Prepared] | None = None
             try:
@@ -264,15 +269,16 @@ class Ingestor:
                         after=inflight[1] if inflight else None,
                         fronted=fronted,
                     )
+                    prep.want_acks = acks
                     if inflight is not None:
                         done, inflight = inflight, None
                         try:
-                            acks = self._settle(*done)
+                            settled = self._settle(*done)
                         except BaseException:
                             self._undo(prep)
                             self._undo(done[1])
                             raise
-                        yield acks
+                        yield settled
                     try:
                         finish = self.store.begin_commit(prep.batch)
                     except Conflict:  # another writer: decided again, here
@@ -286,11 +292,11 @@ class Ingestor:
                 if inflight is not None:
                     done, inflight = inflight, None
                     try:
-                        acks = self._settle(*done)
+                        settled = self._settle(*done)
                     except BaseException:
                         self._undo(done[1])
                         raise
-                    yield acks
+                    yield settled
             finally:
                 if inflight is not None:  # an error in the loop: keep the state true
                     try:
@@ -369,13 +375,15 @@ class Ingestor:
             except BaseException:
                 self._undo(prep)
                 raise
-            return self._finish(prep, seqs)
+            acks = self._finish(prep, seqs)
+            assert acks is not None  # a prepared batch wants its acks by default
+            return acks
         raise StoreError(
             f"another writer kept storing records in {self.store.path}: gave up "
             f"after {_CONFLICT_TRIES} tries, nothing of this batch was written"
         )
 
-    def _settle(self, future: Future[list[int]], prep: _Prepared) -> list[Ack]:
+    def _settle(self, future: Future[list[int]], prep: _Prepared) -> list[Ack] | None:
         return self._finish(prep, future.result())
 
     def _undo(self, prep: _Prepared) -> None:
@@ -383,13 +391,15 @@ class Ingestor:
         for key in reversed(prep.near_keys):
             self.near.remove(key)
 
-    def _finish(self, prep: _Prepared, seqs: list[int]) -> list[Ack]:
+    def _finish(self, prep: _Prepared, seqs: list[int]) -> list[Ack] | None:
         batch = prep.batch
         if seqs:  # our own records, without reading them back
             self.known_filter.add(batch.rids)
             self.known_filter.add(batch.chashes)
             if seqs[0] == self._filtered_upto + 1:  # else another writer came between
                 self._filtered_upto = seqs[-1]
+        if not prep.want_acks:
+            return None
         acks, make = prep.acks, Ack._make
         for pos, seq in zip(prep.stored, seqs, strict=True):
             acks[pos] = make((STORED, "", seq))

@@ -132,7 +132,7 @@ class JsonlTail(_Loop):
 
         # Batch k+1 is checked while batch k commits; each batch's offset is
         # committed with its records.
-        for _ in self.ingestor.submit_stream(batches()):
+        for _ in self.ingestor.submit_stream(batches(), acks=False):
             pass
         return True
 
@@ -186,7 +186,7 @@ class KafkaConsumer(_Loop):
                 yield items, None
 
         busy = False
-        for _ in self.ingestor.submit_stream(batches()):
+        for _ in self.ingestor.submit_stream(batches(), acks=False):
             done = marks.popleft()
             if done:  # only after the store commit
                 self.consumer.commit(offsets=done, asynchronous=False)
