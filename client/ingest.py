@@ -40,6 +40,8 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
+import orjson
+
 try:
     from client._native import KeyFilter, NearIndex, gather, gather_var
 except ImportError:  # not built (a Flower App bundle ships sources): same, slower
@@ -141,7 +143,10 @@ def _raw_bytes(raw: bytes | dict[str, Any]) -> bytes:
 
 def _content_bytes(content: dict[str, Any], ts: float) -> bytes:
     obj = {**content, **({"ts": ts} if ts else {})}
-    return json.dumps(obj, ensure_ascii=False).encode()
+    try:
+        return orjson.dumps(obj)
+    except TypeError:  # e.g. a lone surrogate: orjson refuses what json writes
+        return json.dumps(obj, ensure_ascii=False).encode("utf-8", "surrogatepass")
 
 
 Offsets = dict[str, str]
@@ -330,9 +335,19 @@ class Ingestor:
                 if nxt is None:
                     return
                 items, offsets = nxt
-                raws = [raw for raw, _ in items]
-                future = pool.submit(raws) if self._pool is pool else None
+                future = None
+                if self._pool is pool:
+                    try:
+                        future = pool.submit([raw for raw, _ in items])
+                    except Exception as err:  # the pool broke: done here
+                        lost(err)
                 ahead.append((items, offsets or {}, future))
+
+        def lost(err: Exception) -> None:
+            log.warning("ingest worker failed (%s); checking batches here", err)
+            if self._pool is pool:
+                self._pool = None
+                pool.close()
 
         fill(1)
         while ahead:
@@ -342,10 +357,7 @@ class Ingestor:
             try:
                 fronted = future.result() if future is not None else None
             except Exception as err:  # a worker lost: the same function, here
-                log.warning("ingest worker failed (%s); checking batches here", err)
-                if self._pool is pool:
-                    self._pool = None
-                    pool.close()
+                lost(err)
             yield items, offsets, fronted
 
     def start_workers(self) -> None:

@@ -519,9 +519,13 @@ class Store:
 
     def _open(self, payload: bytes, aad: bytes) -> dict[str, Any]:
         try:
-            return json.loads(self._aead.decrypt(payload[:12], payload[12:], aad))  # type: ignore[no-any-return]
+            blob = self._aead.decrypt(payload[:12], payload[12:], aad)
         except InvalidTag:
             raise StoreError(f"a payload in {self.path} fails authentication") from None
+        try:
+            return orjson.loads(blob)  # type: ignore[no-any-return]
+        except orjson.JSONDecodeError:  # what json wrote where orjson could not
+            return json.loads(blob)  # type: ignore[no-any-return]
 
     # -- writes ---------------------------------------------------------------------
     def known(self, rids: Iterable[bytes]) -> set[bytes]:
