@@ -1597,6 +1597,134 @@ done:
     return out;
 }
 
+/* record_keys(key, cleans) -> (rids, chashes, groups, tss): for client.front, the
+ * keyed hashes of a batch of client.gate.Clean records (content, ts, key_text, pii)
+ * as blobs of 16-byte keys, and their ts as a blob of doubles: chash = h("c:" +
+ * key_text); rid = h("i:" + id) when the content has an id, else chash; group =
+ * h("g:" + (label or first tag or "")); h = keyed_hashes' HMAC, the same bytes. */
+typedef struct {
+    Sha256 inner, outer;
+} Hmac0;
+
+static void hmac16(const Hmac0 *h, const char *prefix, const char *data, Py_ssize_t len,
+                   unsigned char out[16]) {
+    Sha256 s = h->inner;
+    unsigned char digest[32];
+    sha_update(&s, (const unsigned char *)prefix, 2);
+    sha_update(&s, (const unsigned char *)data, len);
+    sha_final(&s, digest);
+    s = h->outer;
+    sha_update(&s, digest, 32);
+    sha_final(&s, digest);
+    memcpy(out, digest, 16);
+}
+
+static PyObject *py_record_keys(PyObject *Py_UNUSED(mod), PyObject *args) {
+    Py_buffer key;
+    PyObject *cleans;
+    if (!PyArg_ParseTuple(args, "y*O", &key, &cleans)) return NULL;
+    PyObject *seq = NULL, *result = NULL, *rids = NULL, *chashes = NULL, *groups = NULL,
+             *tss = NULL, *cache = NULL;
+    Hmac0 h = {{{0}, {0}, 0, 0}, {{0}, {0}, 0, 0}};
+    unsigned char k[64] = {0}, pad[64];
+    if (key.len > 64) {
+        PyErr_SetString(PyExc_ValueError, "record_keys(): keys longer than 64 bytes");
+        goto done;
+    }
+    memcpy(k, key.buf, key.len);
+    memcpy(h.inner.st, SHA_IV, sizeof SHA_IV);
+    memcpy(h.outer.st, SHA_IV, sizeof SHA_IV);
+    for (int i = 0; i < 64; i++) pad[i] = k[i] ^ 0x36;
+    sha_update(&h.inner, pad, 64);
+    for (int i = 0; i < 64; i++) pad[i] = k[i] ^ 0x5c;
+    sha_update(&h.outer, pad, 64);
+    seq = PySequence_Fast(cleans, "record_keys() takes a list of records");
+    if (!seq) goto done;
+    Py_ssize_t n = PySequence_Fast_GET_SIZE(seq);
+    rids = PyBytes_FromStringAndSize(NULL, 16 * n);
+    chashes = PyBytes_FromStringAndSize(NULL, 16 * n);
+    groups = PyBytes_FromStringAndSize(NULL, 16 * n);
+    tss = PyBytes_FromStringAndSize(NULL, 8 * n);
+    cache = PyDict_New(); /* group name -> its 16 bytes */
+    if (!rids || !chashes || !groups || !tss || !cache) goto done;
+    unsigned char *r = (unsigned char *)PyBytes_AS_STRING(rids);
+    unsigned char *c = (unsigned char *)PyBytes_AS_STRING(chashes);
+    unsigned char *g = (unsigned char *)PyBytes_AS_STRING(groups);
+    double *t = (double *)PyBytes_AS_STRING(tss);
+    for (Py_ssize_t j = 0; j < n; j++) {
+        PyObject *rec = PySequence_Fast_GET_ITEM(seq, j);
+        if (!PyTuple_Check(rec) || PyTuple_GET_SIZE(rec) < 3 ||
+            !PyDict_Check(PyTuple_GET_ITEM(rec, 0))) {
+            PyErr_SetString(PyExc_TypeError, "record_keys(): records are (content, ts, key_text, ...)");
+            goto done;
+        }
+        PyObject *content = PyTuple_GET_ITEM(rec, 0);
+        t[j] = PyFloat_AsDouble(PyTuple_GET_ITEM(rec, 1));
+        if (t[j] == -1.0 && PyErr_Occurred()) goto done;
+        Py_ssize_t len;
+        const char *text = PyUnicode_AsUTF8AndSize(PyTuple_GET_ITEM(rec, 2), &len);
+        if (!text) goto done;
+        hmac16(&h, "c:", text, len, c + 16 * j);
+        PyObject *id = PyDict_GetItemString(content, "id"); /* borrowed */
+        if (id) {
+            const char *s = PyUnicode_AsUTF8AndSize(id, &len);
+            if (!s) goto done;
+            hmac16(&h, "i:", s, len, r + 16 * j);
+        } else {
+            memcpy(r + 16 * j, c + 16 * j, 16);
+        }
+        /* label or first tag or "", as `c.get("label") or next(iter(tags), "")` */
+        PyObject *name = PyDict_GetItemString(content, "label");
+        if (!name || !PyObject_IsTrue(name)) {
+            PyObject *tags = PyDict_GetItemString(content, "tags");
+            name = NULL;
+            if (tags && PyList_Check(tags) && PyList_GET_SIZE(tags) > 0)
+                name = PyList_GET_ITEM(tags, 0);
+            else if (tags && !PyList_Check(tags)) {
+                PyErr_SetString(PyExc_TypeError, "record_keys(): tags must be a list");
+                goto done;
+            }
+        }
+        PyObject *empty = NULL;
+        if (!name) {
+            empty = PyUnicode_New(0, 0);
+            if (!empty) goto done;
+            name = empty;
+        }
+        PyObject *hit = PyDict_GetItemWithError(cache, name);
+        if (hit) {
+            memcpy(g + 16 * j, PyBytes_AS_STRING(hit), 16);
+        } else if (PyErr_Occurred()) {
+            Py_XDECREF(empty);
+            goto done;
+        } else {
+            const char *s = PyUnicode_AsUTF8AndSize(name, &len);
+            PyObject *b = NULL;
+            if (s) {
+                hmac16(&h, "g:", s, len, g + 16 * j);
+                b = PyBytes_FromStringAndSize((const char *)g + 16 * j, 16);
+            }
+            if (!b || PyDict_SetItem(cache, name, b) < 0) {
+                Py_XDECREF(b);
+                Py_XDECREF(empty);
+                goto done;
+            }
+            Py_DECREF(b);
+        }
+        Py_XDECREF(empty);
+    }
+    result = PyTuple_Pack(4, rids, chashes, groups, tss);
+done:
+    Py_XDECREF(seq);
+    Py_XDECREF(rids);
+    Py_XDECREF(chashes);
+    Py_XDECREF(groups);
+    Py_XDECREF(tss);
+    Py_XDECREF(cache);
+    PyBuffer_Release(&key);
+    return result;
+}
+
 static PyObject *py_sha_extensions(PyObject *Py_UNUSED(mod), PyObject *Py_UNUSED(arg)) {
     return PyBool_FromLong(sha_block != sha256_block);
 }
@@ -2039,6 +2167,8 @@ static PyMethodDef module_methods[] = {
      "sha_extensions() -> bool: are keyed hashes computed with the CPU's SHA extensions?"},
     {"use_sha_extensions", py_use_sha_extensions, METH_O,
      "use_sha_extensions(on) -> bool: switch them (tests check both paths)."},
+    {"record_keys", py_record_keys, METH_VARARGS,
+     "record_keys(key, cleans) -> (rids, chashes, groups, tss): a batch's keyed hashes."},
     {"keyed_hashes", py_keyed_hashes, METH_VARARGS,
      "keyed_hashes(key, prefix, items) -> [HMAC-SHA256(key, prefix + item)[:16]]."},
     {"clean_records", py_clean_records, METH_VARARGS,

@@ -36,9 +36,11 @@ from client.store import Keys
 DUP_NEAR, DUP_ID, DUP_CONTENT = -1, -2, -3
 
 try:
-    from client._native import sketches
+    from client._native import record_keys, sketches
 except ImportError:  # not built (a Flower App bundle ships sources): same, slower
     from client.near_py import sketches  # type: ignore[assignment]
+
+    record_keys = None  # type: ignore[assignment]
 
 __all__ = [
     "DUP_CONTENT",
@@ -123,8 +125,32 @@ class Front:
         cleans: list[Clean] = [verdicts[pos] for pos in passed]  # type: ignore[misc]
         contents = [c.content for c in cleans]
         key_texts = [c.key_text for c in cleans]
+        if record_keys is not None:
+            rids, chashes, groups, tss = record_keys(self.keys.mac, cleans)
+        else:
+            rids, chashes, groups, tss = self._keys(cleans)
+        payloads = self.keys.seal_many(
+            contents, [rids[i : i + 16] for i in range(0, len(rids), 16)]
+        )
+        return Fronted(
+            rejected=rejected,
+            passed=passed,
+            rids=rids,
+            chashes=chashes,
+            groups=groups,
+            tss=array("d", tss),
+            pii={j: c.pii for j, c in enumerate(cleans) if c.pii},
+            sketches=sketch_texts(key_texts, self.num_perm, self.seed),
+            payloads=b"".join(payloads),
+            starts=array("Q", itertools.accumulate(map(len, payloads), initial=0)),
+        )
+
+    def _keys(self, cleans: list[Clean]) -> tuple[bytes, bytes, bytes, bytes]:
+        """As client._native.record_keys: content hash, producer id (else the
+        content's), balancing group (label, else first tag), and the ts."""
+        contents = [c.content for c in cleans]
         hashes = self.keys.keyed_hashes
-        chashes = hashes(b"c:", key_texts)
+        chashes = hashes(b"c:", [c.key_text for c in cleans])
         rids = list(chashes)
         with_id = [j for j, c in enumerate(contents) if "id" in c]
         if with_id:
@@ -134,18 +160,11 @@ class Front:
         names = [c.get("label") or next(iter(c.get("tags", ())), "") for c in contents]
         distinct = list(dict.fromkeys(names))
         by_name = dict(zip(distinct, hashes(b"g:", distinct), strict=True))
-        payloads = self.keys.seal_many(contents, rids)
-        return Fronted(
-            rejected=rejected,
-            passed=passed,
-            rids=b"".join(rids),
-            chashes=b"".join(chashes),
-            groups=b"".join([by_name[n] for n in names]),
-            tss=array("d", [c.ts for c in cleans]),
-            pii={j: c.pii for j, c in enumerate(cleans) if c.pii},
-            sketches=sketch_texts(key_texts, self.num_perm, self.seed),
-            payloads=b"".join(payloads),
-            starts=array("Q", itertools.accumulate(map(len, payloads), initial=0)),
+        return (
+            b"".join(rids),
+            b"".join(chashes),
+            b"".join([by_name[n] for n in names]),
+            array("d", [c.ts for c in cleans]).tobytes(),
         )
 
 

@@ -252,3 +252,37 @@ def _alive(pid):
         return False
     with open(f"/proc/{pid}/stat") as fh:  # a zombie has exited
         return fh.read().split(") ")[1][0] != "Z"
+
+
+def test_native_record_keys_are_the_python_keyed_hashes(tmp_path):
+    """client._native.record_keys (the workers' keyed hashes of a batch) gives the
+    bytes of client.front's Python path: content hash, id hash or the content's,
+    group of the label or first tag (or none), ts."""
+    import os
+
+    from client._native import record_keys
+    from client.front import Front
+    from client.gate import Gate
+    from client.store import Keys
+
+    raws = [
+        json.dumps(r).encode()
+        for r in [
+            {"text": "a note on ward rounds", "id": "n1", "label": "clinical"},
+            {"text": "a note on ward rounds", "tags": ["a", "b"], "ts": 12.5},
+            {"text": "café au lait", "tags": []},  # not ASCII: the gate's own path
+            {"prompt": "question?", "response": "answer", "id": 7},
+            {"text": "mail me at a@b.io", "label": "x", "tags": ["t"]},
+            {"text": "plain"},
+        ]
+    ]
+    front = Front(Gate(), Keys(os.urandom(32)))
+    verdicts = front.gate.inspect_many(raws)
+    assert all(type(v).__name__ == "Clean" for v in verdicts)
+    native = record_keys(front.keys.mac, verdicts)
+    assert native == front._keys(verdicts)
+    fronted = front.run(raws)
+    assert fronted.rids == native[0] and fronted.groups == native[2]
+    assert fronted.rid(1) == fronted.chashes[16:32]  # no id: the content's hash
+    with pytest.raises(TypeError):
+        record_keys(front.keys.mac, [("not", "a", "record")])
