@@ -15,7 +15,7 @@ Also reported: the rate at which DP training consumes records (expected batch /
 measured step time, from ``--step-s``), to check that ingestion never holds training
 back.
 
-Usage: ``python bench/ingest.py [--records 20000] [--batch 256] [--chunk 8]
+Usage: ``python bench/ingest.py [--records 20000] [--batch 256] [--chunk 32]
 [--sync FULL]``. Prints one JSON object.
 """
 
@@ -57,7 +57,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--records", type=int, default=20_000)
     p.add_argument("--batch", type=int, default=256)
-    p.add_argument("--chunk", type=int, default=8, help="batches between switches")
+    p.add_argument("--chunk", type=int, default=32, help="batches between switches")
     p.add_argument(
         "--workers", type=int, default=1, help="pipeline: worker processes (0: none)"
     )

@@ -6,7 +6,10 @@ training round does, every ``round_every`` records. RSS is read after the 1x par
 again after the stream has grown to 10x. With the near-duplicate horizon, the window
 and the replay caps full at 1x, memory must stay flat.
 
-Usage: ``python bench/memory.py [--records 20000] [--factor 10]``.
+With ``--workers N`` the stream goes through ``Ingestor.submit_stream`` and N ingest
+worker processes, as the agent's stream sources do; their RSS is reported too.
+
+Usage: ``python bench/memory.py [--records 20000] [--factor 10] [--workers 0]``.
 Prints one JSON object.
 """
 
@@ -23,14 +26,16 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 
-def _rss_mb() -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
+def _rss_mb(pid: int | str = "self") -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) / 1024
     return 0.0
 
 
-def measure(records: int, factor: int, *, horizon: int, round_every: int) -> dict:
+def measure(
+    records: int, factor: int, *, horizon: int, round_every: int, workers: int = 0
+) -> dict:
     from client.ingest import Ingestor
     from client.store import Store, load_key
     from client.window import WindowSettings, select_round
@@ -50,8 +55,11 @@ def measure(records: int, factor: int, *, horizon: int, round_every: int) -> dic
         store = Store(
             Path(tmp) / "store.db", load_key(Path(tmp) / "key"), synchronous="NORMAL"
         )
-        ingestor = Ingestor(store, horizon=horizon)
+        ingestor = Ingestor(store, horizon=horizon, workers=workers)
+        ingestor.start_workers()
+        pids = list(ingestor._pool.pool._processes) if ingestor._pool else []
         rss: dict[int, float] = {}
+        worker_rss: dict[int, float] = {}
         rnd, done = 0, 0
         for part, target in ((1, records), (factor, records * factor)):
             while done < target:
@@ -67,8 +75,16 @@ def measure(records: int, factor: int, *, horizon: int, round_every: int) -> dic
                     )
                     for i, r in enumerate(stream)
                 ]
-                for start in range(0, len(items), 512):
-                    ingestor.submit(items[start : start + 512])
+                batches = [
+                    (items[start : start + 512], None)
+                    for start in range(0, len(items), 512)
+                ]
+                if workers:  # as the agent's stream sources
+                    for _ in ingestor.submit_stream(batches, acks=False):
+                        pass
+                else:
+                    for batch, _ in batches:
+                        ingestor.submit(batch)
                 done += n
                 rnd += 1
                 sel = select_round(store, plan, window, round_num=rnd, secret=b"k" * 32)
@@ -76,9 +92,11 @@ def measure(records: int, factor: int, *, horizon: int, round_every: int) -> dic
                 del loaded
             gc.collect()
             rss[part] = _rss_mb()
+            worker_rss[part] = sum(_rss_mb(pid) for pid in pids)
         stored = store.count(live=False)
+        ingestor.close()
         store.close()
-    return {
+    out = {
         "records_1x": records,
         "records_10x": records * factor,
         "stored": stored,
@@ -86,6 +104,14 @@ def measure(records: int, factor: int, *, horizon: int, round_every: int) -> dic
         "rss_10x_mb": round(rss[factor], 1),
         "growth": round(rss[factor] / rss[1] - 1, 4),
     }
+    if workers:
+        out |= {
+            "workers": workers,
+            "worker_rss_1x_mb": round(worker_rss[1], 1),
+            "worker_rss_10x_mb": round(worker_rss[factor], 1),
+            "worker_growth": round(worker_rss[factor] / worker_rss[1] - 1, 4),
+        }
+    return out
 
 
 def main() -> None:
@@ -94,6 +120,9 @@ def main() -> None:
     p.add_argument("--factor", type=int, default=10)
     p.add_argument("--horizon", type=int, default=10_000)
     p.add_argument("--round-every", type=int, default=2_000)
+    p.add_argument(
+        "--workers", type=int, default=0, help="ingest workers (streamed, as the agent)"
+    )
     args = p.parse_args()
     print(
         json.dumps(
@@ -102,6 +131,7 @@ def main() -> None:
                 args.factor,
                 horizon=args.horizon,
                 round_every=args.round_every,
+                workers=args.workers,
             ),
             indent=1,
         )

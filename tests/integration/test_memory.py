@@ -12,7 +12,10 @@ from tests.conftest import ROOT
 pytestmark = pytest.mark.slow
 
 
-def test_rss_is_flat_from_1x_to_10x_the_stream():
+@pytest.mark.parametrize("workers", [0, 1])
+def test_rss_is_flat_from_1x_to_10x_the_stream(workers):
+    """One batch at a time (gRPC pushes), and streamed through an ingest worker (the
+    file tail and Kafka, as the agent runs them): the worker's RSS stays flat too."""
     proc = subprocess.run(
         [
             sys.executable,
@@ -25,6 +28,8 @@ def test_rss_is_flat_from_1x_to_10x_the_stream():
             "1500",
             "--round-every",
             "1000",
+            "--workers",
+            str(workers),
         ],
         capture_output=True,
         text=True,
@@ -36,3 +41,5 @@ def test_rss_is_flat_from_1x_to_10x_the_stream():
     result = json.loads(proc.stdout)
     assert result["stored"] > 19_000  # the stream really grew tenfold
     assert result["growth"] <= 0.10, result
+    if workers:
+        assert result["worker_growth"] <= 0.10, result
