@@ -33,7 +33,7 @@ __all__ = ["SOURCES", "GrpcIngest", "JsonlTail", "KafkaConsumer", "Source"]
 
 log = logging.getLogger(__name__)
 Item = tuple[bytes | dict[str, Any], str]
-STREAM_BATCHES = 64  # Kafka: batches a poll at most, pipelined (one decided while one commits)
+STREAM_BATCHES = 64  # Kafka: batches a poll at most, pipelined
 
 
 class Source(Protocol):
