@@ -1361,12 +1361,16 @@ fail:
     goto done;
 }
 
-static PyObject *py_simple_records(PyObject *Py_UNUSED(mod), PyObject *args) {
-    PyObject *raws;
-    Py_ssize_t max_raw, max_text, max_tags, max_field;
-    if (!PyArg_ParseTuple(args, "Onnnn", &raws, &max_raw, &max_text, &max_tags, &max_field))
-        return NULL;
-    PyObject *seq = PySequence_Fast(raws, "simple_records() takes a list");
+static PyObject *finished_record(PyObject *content, double ts, PyTypeObject *clean,
+                                 PyObject *no_pii);
+
+/* The records of a batch through simple_record: (content, ts) or None each; with a
+ * record type `clean` (clean_records), a text the PII screen passes comes back as
+ * clean(content, ts, key_text, no_pii) instead. */
+static PyObject *parse_records(PyObject *raws, Py_ssize_t max_raw, Py_ssize_t max_text,
+                               Py_ssize_t max_tags, Py_ssize_t max_field,
+                               PyTypeObject *clean, PyObject *no_pii) {
+    PyObject *seq = PySequence_Fast(raws, "the records must be a list");
     if (!seq) return NULL;
     Py_ssize_t n = PySequence_Fast_GET_SIZE(seq);
     Py_ssize_t cap = max_text > max_field ? max_text : max_field;
@@ -1383,11 +1387,14 @@ static PyObject *py_simple_records(PyObject *Py_UNUSED(mod), PyObject *args) {
                                 &content, &ts);
             if (got < 0) goto fail;
         }
-        if (got) {
+        if (!got) {
+            Py_INCREF(Py_None);
+        } else if (clean == NULL) {
             item = Py_BuildValue("(Nd)", content, ts);
             if (!item) goto fail;
         } else {
-            Py_INCREF(Py_None);
+            item = finished_record(content, ts, clean, no_pii);
+            if (!item) goto fail;
         }
         PyList_SET_ITEM(out, j, item);
     }
@@ -1400,6 +1407,14 @@ fail:
     Py_DECREF(seq);
     Py_XDECREF(out);
     return NULL;
+}
+
+static PyObject *py_simple_records(PyObject *Py_UNUSED(mod), PyObject *args) {
+    PyObject *raws;
+    Py_ssize_t max_raw, max_text, max_tags, max_field;
+    if (!PyArg_ParseTuple(args, "Onnnn", &raws, &max_raw, &max_text, &max_tags, &max_field))
+        return NULL;
+    return parse_records(raws, max_raw, max_text, max_tags, max_field, NULL, NULL);
 }
 
 /* ---- keyed hashes: HMAC-SHA256 truncated to 16 bytes, as client.store.keyed_hash -- */
@@ -1913,6 +1928,30 @@ static PyObject *normalised_ascii(const unsigned char *s, Py_ssize_t n) {
     return cut;
 }
 
+/* steals content: (content, ts) when the PII screen flags its text, else
+ * clean(content, ts, key_text, no_pii), a tuple of that type */
+static PyObject *finished_record(PyObject *content, double ts, PyTypeObject *clean,
+                                 PyObject *no_pii) {
+    PyObject *text = PyDict_GetItemString(content, "text"); /* borrowed */
+    const unsigned char *s = PyUnicode_1BYTE_DATA(text);
+    Py_ssize_t len = PyUnicode_GET_LENGTH(text);
+    if (screen_text(s, len)) return Py_BuildValue("(Nd)", content, ts);
+    PyObject *key = normalised_ascii(s, len), *t = PyFloat_FromDouble(ts);
+    PyObject *item = key && t ? clean->tp_alloc(clean, 4) : NULL;
+    if (!item) {
+        Py_XDECREF(key);
+        Py_XDECREF(t);
+        Py_DECREF(content);
+        return NULL;
+    }
+    Py_INCREF(no_pii);
+    PyTuple_SET_ITEM(item, 0, content);
+    PyTuple_SET_ITEM(item, 1, t);
+    PyTuple_SET_ITEM(item, 2, key);
+    PyTuple_SET_ITEM(item, 3, no_pii);
+    return item;
+}
+
 static PyObject *py_clean_records(PyObject *Py_UNUSED(mod), PyObject *args) {
     PyObject *raws, *no_pii;
     PyTypeObject *clean;
@@ -1924,59 +1963,7 @@ static PyObject *py_clean_records(PyObject *Py_UNUSED(mod), PyObject *args) {
         PyErr_SetString(PyExc_TypeError, "clean_records(): the record type must be a tuple type");
         return NULL;
     }
-    PyObject *seq = PySequence_Fast(raws, "clean_records() takes a list");
-    if (!seq) return NULL;
-    Py_ssize_t n = PySequence_Fast_GET_SIZE(seq);
-    Py_ssize_t cap = max_text > max_field ? max_text : max_field;
-    char *buf = PyMem_Malloc(cap + 1);
-    PyObject *out = PyList_New(n);
-    if (!buf || !out) goto fail;
-    for (Py_ssize_t j = 0; j < n; j++) {
-        PyObject *raw = PySequence_Fast_GET_ITEM(seq, j), *item = Py_None, *content = NULL;
-        double ts;
-        int got = 0;
-        if (PyBytes_CheckExact(raw) && PyBytes_GET_SIZE(raw) <= max_raw) {
-            got = simple_record((const unsigned char *)PyBytes_AS_STRING(raw),
-                                PyBytes_GET_SIZE(raw), max_text, max_tags, max_field, buf,
-                                &content, &ts);
-            if (got < 0) goto fail;
-        }
-        if (got) {
-            PyObject *text = PyDict_GetItemString(content, "text"); /* borrowed */
-            const unsigned char *s = PyUnicode_1BYTE_DATA(text);
-            Py_ssize_t len = PyUnicode_GET_LENGTH(text);
-            if (screen_text(s, len)) { /* (content, ts): client.gate scrubs it */
-                item = Py_BuildValue("(Nd)", content, ts);
-                if (!item) goto fail;
-            } else { /* clean(content, ts, key_text, no_pii), a tuple of that type */
-                PyObject *key = normalised_ascii(s, len), *t = PyFloat_FromDouble(ts);
-                item = key && t ? clean->tp_alloc(clean, 4) : NULL;
-                if (!item) {
-                    Py_XDECREF(key);
-                    Py_XDECREF(t);
-                    Py_DECREF(content);
-                    goto fail;
-                }
-                Py_INCREF(no_pii);
-                PyTuple_SET_ITEM(item, 0, content);
-                PyTuple_SET_ITEM(item, 1, t);
-                PyTuple_SET_ITEM(item, 2, key);
-                PyTuple_SET_ITEM(item, 3, no_pii);
-            }
-        } else {
-            Py_INCREF(Py_None);
-        }
-        PyList_SET_ITEM(out, j, item);
-    }
-    PyMem_Free(buf);
-    Py_DECREF(seq);
-    return out;
-fail:
-    if (!buf) PyErr_NoMemory();
-    PyMem_Free(buf);
-    Py_DECREF(seq);
-    Py_XDECREF(out);
-    return NULL;
+    return parse_records(raws, max_raw, max_text, max_tags, max_field, clean, no_pii);
 }
 
 /* ---- sort_keys: the store's sorted runs of dedup keys ------------------------------
