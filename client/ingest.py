@@ -380,7 +380,7 @@ class Ingestor:
         for _ in range(_CONFLICT_TRIES):
             prep = self._prepare(items, offsets)
             try:
-                seqs = self.store.begin_commit(prep.batch)()
+                seqs = self.store.commit(prep.batch)
             except Conflict:  # nothing written; the filter catches up first
                 self._undo(prep)
                 continue
