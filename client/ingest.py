@@ -124,10 +124,6 @@ class NearDuplicates:
         """Index a sketch; returns its key (for ``remove``)."""
         return self.index.add(sketches, row)
 
-    def offer(self, sketches: bytes, row: int) -> int:
-        """``add`` unless it is a near-duplicate (then -1, nothing added)."""
-        return self.index.offer(sketches, row)
-
     def remove(self, key: int) -> None:
         self.index.remove(key)
 
