@@ -29,6 +29,11 @@ from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
+try:
+    import fcntl
+except ImportError:  # not POSIX
+    fcntl = None  # type: ignore[assignment]
+
 from client.gate import Clean, Gate, GateSettings
 from client.store import Keys
 
@@ -209,6 +214,27 @@ def _run_in_worker(raws: list[bytes | dict[str, Any]]) -> Fronted:
     return _WORKER_FRONT.run(raws)
 
 
+_PIPE_BYTES = 1 << 20
+
+
+def _widen_pipes(pool: ProcessPoolExecutor) -> None:
+    """A batch's results (about 200 KB of 256 records: sketches are 512 bytes a
+    record) fill a pipe of the default 64 KB three times over, and the worker
+    waits in its write for the pool's reader thread, which waits for this
+    process's GIL. With room for the whole batch it writes and goes on (Linux:
+    F_SETPIPE_SZ, up to pipe-max-size, 1 MiB by default). Elsewhere, or where it
+    is refused, the pipes stay as they are (slower, the same results)."""
+    setpipe = getattr(fcntl, "F_SETPIPE_SZ", None) if fcntl is not None else None
+    if setpipe is None:
+        return
+    for queue in (getattr(pool, "_result_queue", None), getattr(pool, "_call_queue", None)):
+        reader = getattr(queue, "_reader", None)
+        try:
+            fcntl.fcntl(reader.fileno(), setpipe, _PIPE_BYTES)  # type: ignore[union-attr]
+        except (AttributeError, OSError):
+            pass
+
+
 class FrontPool:
     """``Front.run`` in ``workers`` spawned processes (spawned, not forked: the
     agent has gRPC threads). Results come back as futures."""
@@ -227,6 +253,8 @@ class FrontPool:
                 os.getpid(),
             ),
         )
+
+        _widen_pipes(self.pool)
 
     def submit(self, raws: list[bytes | dict[str, Any]]) -> Future[Fronted]:
         return self.pool.submit(_run_in_worker, raws)

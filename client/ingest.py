@@ -169,6 +169,10 @@ class _Prepared:
     want_acks: bool = True
 
 
+class _Skipped(Exception):
+    """A stream's commit not tried: the one before it failed."""
+
+
 class Ingestor:
     """Thread-safe: producers on many gRPC threads share one store."""
 
@@ -192,6 +196,7 @@ class Ingestor:
         )
         self.workers = workers
         self._pool: FrontPool | None = None
+        self._depth = 2
         self.lock = threading.Lock()
         self.known_filter = KeyFilter(log2_bits=known_filter_log2, k=KNOWN_FILTER_K)
         self._filtered_upto = 0  # records up to this seq are in the filter
@@ -254,56 +259,96 @@ class Ingestor:
     ) -> Iterator[list[Ack] | None]:
         """``submit`` of each ``(items, offsets)`` batch, in order, yielding each
         batch's acks once it is committed (``acks=False``: None, for sources that
-        need only to know that it is; the counters hold every record's fate);
-        batch k+1 is checked and decided while batch k commits (in another
-        thread, where SQLite and the disk wait without the GIL). Its decisions
-        count batch k's records as stored: should that commit fail, nothing of k+1
-        is written and the error is raised (another writer storing meanwhile: both
-        are decided again instead)."""
+        need only to know that it is; the counters hold every record's fate).
+
+        Batches commit in another thread, where SQLite and the disk wait without
+        the GIL, up to ``_depth`` (2) at a time, one after the other: batch k+2 is
+        checked and decided while k commits and k+1 waits its turn (measured: 8%
+        faster than one at a time, which left the commit thread idle while this
+        one decided). The decisions count the records of the batches in flight as
+        stored: should a commit fail, nothing of the batches after it is written
+        (each sees that the one before failed) and the error is raised; another
+        writer storing meanwhile: those batches are decided again instead."""
         with self.lock, ThreadPoolExecutor(1, thread_name_prefix="commit") as pool:
-            inflight: tuple[Future[list[int]], _Prepared] | None = None
+            inflight: deque[tuple[Future[list[int]], _Prepared]] = deque()
             try:
                 for items, offsets, fronted in self._fronted(batches):
                     prep = self._prepare(
                         items,
                         offsets,
-                        after=inflight[1] if inflight else None,
+                        after=[p for _, p in inflight],
                         fronted=fronted,
                     )
                     prep.want_acks = acks
-                    if inflight is not None:
-                        done, inflight = inflight, None
+                    redo = None
+                    while inflight and (
+                        len(inflight) >= self._depth or inflight[0][0].done()
+                    ):
+                        done = inflight.popleft()
                         try:
                             settled = self._settle(*done)
+                        except Conflict:  # another writer: decided again, here
+                            redo = [done[1], *(p for _, p in inflight), prep]
+                            break
                         except BaseException:
                             self._undo(prep)
                             self._undo(done[1])
                             raise
                         yield settled
-                    try:
-                        finish = self.store.begin_commit(prep.batch)
-                    except Conflict:  # another writer: decided again, here
-                        self._undo(prep)
-                        yield self._submit(items, offsets)
+                    if redo is not None:
+                        for later in reversed(redo):
+                            self._undo(later)
+                        self._drain(inflight)  # skipped, each: nothing written
+                        for later in redo:
+                            yield self._submit(later.items, later.offsets)
                         continue
-                    except BaseException:
-                        self._undo(prep)
-                        raise
-                    inflight = (pool.submit(finish), prep)
-                if inflight is not None:
-                    done, inflight = inflight, None
+                    prev = inflight[-1][0] if inflight else None
+                    inflight.append((pool.submit(self._commit, prep.batch, prev), prep))
+                while inflight:
+                    done = inflight.popleft()
                     try:
                         settled = self._settle(*done)
+                    except Conflict:
+                        redo = [done[1], *(p for _, p in inflight)]
+                        for later in reversed(redo):
+                            self._undo(later)
+                        self._drain(inflight)
+                        for later in redo:
+                            yield self._submit(later.items, later.offsets)
+                        return
                     except BaseException:
                         self._undo(done[1])
                         raise
                     yield settled
             finally:
-                if inflight is not None:  # an error in the loop: keep the state true
+                # an error in the loop: the commits in flight end, and the state
+                # stays true (each settled, or forgotten when it was not written)
+                while inflight:
+                    done = inflight.popleft()
                     try:
-                        self._settle(*inflight)
+                        self._settle(*done)
                     except BaseException:
-                        self._undo(inflight[1])
+                        self._undo(done[1])
+                        for _, later in reversed(inflight):
+                            self._undo(later)
+                        self._drain(inflight)
+
+    def _commit(self, batch: Batch, prev: Future[list[int]] | None) -> list[int]:
+        """The commit thread's job: ``batch``, unless the batch before it failed
+        (then this one was decided on records that were not stored)."""
+        if prev is not None and prev.exception() is not None:
+            raise _Skipped
+        return self.store.commit(batch)
+
+    @staticmethod
+    def _drain(inflight: deque[tuple[Future[list[int]], _Prepared]]) -> None:
+        """Wait for the commits in flight, each skipped after one failed."""
+        while inflight:
+            future, _ = inflight.popleft()
+            try:
+                future.result()
+            except BaseException:
+                pass
 
     def _fronted(
         self,
@@ -418,16 +463,16 @@ class Ingestor:
         items: list[tuple[bytes | dict[str, Any], str]],
         offsets: Offsets,
         *,
-        after: _Prepared | None = None,
+        after: list[_Prepared] | None = None,
         fronted: Fronted | None = None,
     ) -> _Prepared:
-        """Everything of ``submit`` but the commit. ``after``: a batch whose commit
-        is in flight; its records count as stored. ``fronted``: the stateless half,
-        done already (by a worker)."""
+        """Everything of ``submit`` but the commit. ``after``: batches whose
+        commits are in flight, in order; their records count as stored.
+        ``fronted``: the stateless half, done already (by a worker)."""
         # With a commit in flight, let its thread take the GIL at a few points: it
         # needs it only briefly between SQLite calls, but would otherwise wait for
         # the interpreter's switch interval (5 ms, about a whole batch here).
-        pause = _pause if after is not None else _no_pause
+        pause = _pause if after else _no_pause
         batch = Batch(offsets=dict(offsets))
         if items:
             batch.count("received", len(items))
@@ -443,13 +488,14 @@ class Ingestor:
         # Decided against what is stored up to ``decided_at``: a record stored by
         # another writer after it makes the commit raise Conflict, and the batch is
         # decided again.
-        if after is None:
+        if not after:
             top = self.store.high_water()
             if top > self._filtered_upto:
                 self._load_known(top)  # stored since (by us, or by another process)
-        else:  # what the batch in flight will have stored
-            assert after.batch.decided_at is not None
-            top = after.batch.decided_at + len(after.batch.tss)
+        else:  # what the batches in flight will have stored
+            last = after[-1].batch
+            assert last.decided_at is not None
+            top = last.decided_at + len(last.tss)
         batch.decided_at = top
         maybe = self.known_filter.maybe
         known_rids = self.store.known(maybe(rids))
@@ -457,15 +503,15 @@ class Ingestor:
         pause()
         # Each kept record is indexed as it is decided, so later records of the
         # batch see it; removed again if the commit fails. The records of the
-        # batch in flight count as stored.
+        # batches in flight count as stored.
         decided = self.near.index.decide(
             fr.sketches,
             rids,
             chashes,
             known_rids,
             known_content,
-            after.batch.rids if after else b"",
-            after.batch.chashes if after else b"",
+            b"".join([p.batch.rids for p in after]) if after else b"",
+            b"".join([p.batch.chashes for p in after]) if after else b"",
         )
         keep = [j for j, v in enumerate(decided) if v >= 0]
         if len(keep) < len(passed):

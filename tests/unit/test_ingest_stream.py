@@ -1,5 +1,6 @@
-"""Ingestor.submit_stream: batch k+1 decided while batch k commits, with the same
-decisions as one submit a batch, and nothing wrong left behind when a commit fails."""
+"""Ingestor.submit_stream: batch k+2 decided while batches k and k+1 commit, with
+the same decisions as one submit a batch, and nothing wrong left behind when a
+commit fails."""
 
 import json
 
@@ -32,6 +33,9 @@ def _batches(n_batches=6, size=40):
             batch[1] = {"text": prev[-2]["text"], "id": f"copy{b}"}  # its content
             batch[2] = {"text": prev[-3]["text"] + " ok", "id": f"near{b}"}  # near
             batch[3] = batch[4]  # redelivered within the batch
+        if b >= 2:  # redelivered from two batches back (also in flight)
+            batch[5] = out[-2][-4]
+            batch[6] = {"text": out[-2][-5]["text"], "id": f"copy2.{b}"}
         out.append(batch)
     return [[(json.dumps(r).encode(), "t") for r in batch] for batch in out]
 
@@ -117,9 +121,56 @@ def test_quota_reached_in_a_stream_stops_it_with_nothing_half_written(tmp_path):
     assert store.count() == stored + sum(a.status == "STORED" for a in acks) > stored
 
 
+def test_a_writer_storing_as_many_records_as_a_failed_batch_still_fails_the_next(
+    tmp_path,
+):
+    """Batch 1's commit meets another writer's records (Conflict) while batch 2,
+    decided as if batch 1 were stored, waits behind it. The writer stored exactly
+    as many records as batch 1 would have, so batch 2's own check of the high-water
+    mark would pass: it must be refused all the same (its predecessor failed) and
+    decided again, else a record the writer stored is stored twice."""
+    batches = _batches(3)
+    store = _open(tmp_path)
+    other = Ingestor(_open(tmp_path))
+    ing = Ingestor(store)
+    real = store.commit
+    n_first = sum(
+        a.status == "STORED" for a in Ingestor(_open(tmp_path, "p.db")).submit(batches[0])
+    )
+    raced = []
+
+    fresh = [
+        (json.dumps({"text": f"other writer {i}: pump {i} serviced", "id": f"o{i}"})
+         .encode(), "o")
+        for i in range(n_first - 1)
+    ]
+
+    def commit(batch):
+        if not raced:  # batch 2's record 10 and others, as many as batch 1 stores
+            raced.append(other.submit([batches[1][10], *fresh]))
+            assert sum(a.status == "STORED" for a in raced[0]) == n_first
+        return real(batch)
+
+    store.commit = commit
+    out = list(ing.submit_stream((b, None) for b in batches))
+    assert [len(a) for a in out] == [len(b) for b in batches]
+    assert out[1][10].status == "DUPLICATE"
+    rows = store.db.execute("SELECT COUNT(*), COUNT(DISTINCT rid) FROM records")
+    total, distinct = rows.fetchone()
+    assert total == distinct
+    counters = store.counters()
+    assert counters["received"] == n_first + sum(map(len, batches))
+    assert store.count() == n_first + sum(
+        a.status == "STORED" for acks in out for a in acks
+    )
+    assert counters["received"] == (
+        counters["stored"] + counters.get("duplicates", 0) + counters["quarantined"]
+    )
+
+
 def test_a_source_failing_mid_stream_still_settles_the_commit_in_flight(tmp_path):
-    """The batch iterator raises while a commit is in flight: the commit completes and
-    its records count as stored (a redelivery of them is a duplicate)."""
+    """The batch iterator raises while commits are in flight: they complete and
+    their records count as stored (a redelivery of them is a duplicate)."""
     batches = _batches(3)
 
     def source():
@@ -132,7 +183,7 @@ def test_a_source_failing_mid_stream_still_settles_the_commit_in_flight(tmp_path
     with pytest.raises(ConnectionError):
         for acks in ing.submit_stream(source()):
             seen.append(acks)
-    assert len(seen) == 1  # batch 2 was committed, its acks never handed out
+    assert seen == []  # both batches were in flight: committed, acks not handed out
     stored = ing.store.count()
     assert stored == sum(s == "STORED" for s, _ in _reference(tmp_path, batches, 0, 2))
     again = ing.submit(batches[1])
