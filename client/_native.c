@@ -1542,11 +1542,17 @@ static void sha_update(Sha256 *s, const unsigned char *p, size_t n) {
 
 static void sha_final(Sha256 *s, unsigned char out[32]) {
     uint64_t bits = s->total * 8;
-    unsigned char pad = 0x80, zero = 0, len[8];
-    sha_update(s, &pad, 1);
-    while (s->fill != 56) sha_update(s, &zero, 1);
-    for (int i = 0; i < 8; i++) len[i] = (unsigned char)(bits >> (56 - 8 * i));
-    sha_update(s, len, 8);
+    /* 0x80, zeros to 56 bytes mod 64, the bit length: written in place */
+    s->blk[s->fill++] = 0x80;
+    if (s->fill > 56) {
+        memset(s->blk + s->fill, 0, 64 - s->fill);
+        sha_block(s->st, s->blk);
+        s->fill = 0;
+    }
+    memset(s->blk + s->fill, 0, 56 - s->fill);
+    for (int i = 0; i < 8; i++) s->blk[56 + i] = (unsigned char)(bits >> (56 - 8 * i));
+    sha_block(s->st, s->blk);
+    s->fill = 0;
     for (int i = 0; i < 8; i++) {
         out[4 * i] = (unsigned char)(s->st[i] >> 24);
         out[4 * i + 1] = (unsigned char)(s->st[i] >> 16);
