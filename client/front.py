@@ -227,7 +227,10 @@ def _widen_pipes(pool: ProcessPoolExecutor) -> None:
     setpipe = getattr(fcntl, "F_SETPIPE_SZ", None) if fcntl is not None else None
     if setpipe is None:
         return
-    for queue in (getattr(pool, "_result_queue", None), getattr(pool, "_call_queue", None)):
+    for queue in (
+        getattr(pool, "_result_queue", None),
+        getattr(pool, "_call_queue", None),
+    ):
         reader = getattr(queue, "_reader", None)
         try:
             fcntl.fcntl(reader.fileno(), setpipe, _PIPE_BYTES)  # type: ignore[union-attr]

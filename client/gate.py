@@ -148,7 +148,7 @@ class Gate:
         flagged = [i for i, f in enumerate(out) if type(f) is tuple]
         if flagged:
             try:
-                done = self.scrubber.scrub_many([out[i][0]["text"] for i in flagged])
+                done = self.scrubber.scrub_flagged([out[i][0]["text"] for i in flagged])
             except Exception:  # the path below finds the input at fault
                 done = []
             for i in flagged[len(done) :]:

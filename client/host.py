@@ -19,7 +19,6 @@ from __future__ import annotations
 import hashlib
 import hmac
 import logging
-import os
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +29,7 @@ from client.store import Store, load_key
 from common.config import RunConfig
 from common.errors import DataError
 from common.models import BaseModel, build_adapter_model, load_base_model
+from common.secret_file import ensure_secret
 
 __all__ = ["Host", "adapter_model", "ensure_secret", "resolve_data_dir"]
 
@@ -37,25 +37,6 @@ log = logging.getLogger(__name__)
 
 _LOCK = threading.Lock()
 _MODELS: dict[tuple[str, str, int], tuple[BaseModel, PeftModel]] = {}
-
-
-def ensure_secret(path: Path, value: bytes | None = None) -> bytes:
-    """Read the secret at ``path``, creating it (0600) from ``value`` or os.urandom."""
-    if not path.exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        except FileExistsError:
-            pass  # another process created it first
-        else:
-            with os.fdopen(fd, "wb") as fh:
-                fh.write(value if value is not None else os.urandom(32))
-                fh.flush()
-                os.fsync(fh.fileno())
-    secret = path.read_bytes()
-    if len(secret) < 16:
-        raise DataError(f"host secret {path} is too short; delete it to make a new one")
-    return secret
 
 
 def resolve_data_dir(node_config: dict[str, object], hosts_dir: str | None) -> Path:

@@ -249,6 +249,16 @@ class Scrubber:
             for i, t in enumerate(texts)
         ]
 
+    def scrub_flagged(self, texts: list[str]) -> list[Scrubbed]:
+        """``scrub_many`` of texts the screen has flagged already (the gate's
+        native pass): the same results, without screening them again."""
+        if scrub_ascii is None or self.n_extra:
+            return self.scrub_many(texts)
+        return [
+            self.scrub(t) if got is None else Scrubbed(got[0], got[1] or NO_PII)
+            for t, got in zip(texts, scrub_ascii(texts), strict=True)
+        ]
+
     def _screen(self, texts: list[str]) -> set[int]:
         """Indices of the texts that need the exact path."""
         if pii_screen is None:

@@ -19,12 +19,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from client.host import ensure_secret
 from client.ingest import Ingestor
 from client.store import Store, load_key
 from common.config import RunConfig
 from common.corpus import host_folders, host_stream
 from common.errors import DataError, FedstreamError
+from common.secret_file import ensure_secret
 
 __all__ = ["build_config", "main", "prepare_hosts", "run"]
 
@@ -267,6 +267,19 @@ def run(
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
+    # Fail fast, in this process, on what would otherwise fail inside every host:
+    # the data first (before the seconds of importing torch and transformers).
+    cfg, hosts_dir, ingested = prepare_hosts(cfg)
+    from common.privacy import run_noise_multiplier
+    from server.checkpoint import RunFolder
+    from server.client_dp import client_dp_for
+
+    folder = RunFolder(cfg.out)
+    folder.bind(cfg)
+    sigma = None
+    if cfg.privacy.enabled:
+        sigma = run_noise_multiplier(cfg)  # an unreachable target fails here
+    client = client_dp_for(cfg)  # and an unreachable client-level one here
     if not verbose:
         for category in (DeprecationWarning, FutureWarning, UserWarning):
             warnings.filterwarnings("ignore", category=category)
@@ -276,14 +289,7 @@ def run(
         hf_logging.set_verbosity_error()
     from common.adapter import trainable_state
     from common.models import build_adapter_model, load_base_model
-    from common.privacy import run_noise_multiplier
-    from server.checkpoint import RunFolder
-    from server.client_dp import client_dp_for
 
-    # Fail fast, in this process, on what would otherwise fail inside every host.
-    cfg, hosts_dir, ingested = prepare_hosts(cfg)
-    folder = RunFolder(cfg.out)
-    folder.bind(cfg)
     if cfg.model.name == "smollm2-135m" and not quiet:
         from common.models import cache_dir
 
@@ -309,10 +315,6 @@ def run(
                 "nothing to do"
             )
         return Path(cfg.out)
-    sigma = None
-    if cfg.privacy.enabled:
-        sigma = run_noise_multiplier(cfg)
-    client = client_dp_for(cfg)  # an unreachable client-level target fails here
     ui = _Console(cfg, quiet)
     if not quiet:
         dp = (

@@ -135,13 +135,18 @@ def test_a_writer_storing_as_many_records_as_a_failed_batch_still_fails_the_next
     ing = Ingestor(store)
     real = store.commit
     n_first = sum(
-        a.status == "STORED" for a in Ingestor(_open(tmp_path, "p.db")).submit(batches[0])
+        a.status == "STORED"
+        for a in Ingestor(_open(tmp_path, "p.db")).submit(batches[0])
     )
     raced = []
 
     fresh = [
-        (json.dumps({"text": f"other writer {i}: pump {i} serviced", "id": f"o{i}"})
-         .encode(), "o")
+        (
+            json.dumps(
+                {"text": f"other writer {i}: pump {i} serviced", "id": f"o{i}"}
+            ).encode(),
+            "o",
+        )
         for i in range(n_first - 1)
     ]
 
