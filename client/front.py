@@ -15,6 +15,7 @@ seals) and nothing else of the store; it gets the key through its start-up pipe.
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import itertools
 import multiprocessing
@@ -233,10 +234,8 @@ def _widen_pipes(pool: ProcessPoolExecutor) -> None:
         getattr(pool, "_call_queue", None),
     ):
         reader = getattr(queue, "_reader", None)
-        try:
+        with contextlib.suppress(AttributeError, OSError):
             fcntl.fcntl(reader.fileno(), setpipe, _PIPE_BYTES)  # type: ignore[union-attr]
-        except (AttributeError, OSError):
-            pass
 
 
 class FrontPool:

@@ -2,6 +2,7 @@
 the same decisions as one submit a batch, and nothing wrong left behind when a
 commit fails."""
 
+import fcntl
 import json
 
 import pytest
@@ -237,6 +238,11 @@ def test_a_stream_through_worker_processes_decides_the_same(tmp_path):
     stream = Ingestor(_open(tmp_path, "s.db"), workers=1)
     try:
         stream.start_workers()
+        if hasattr(fcntl, "F_GETPIPE_SZ"):  # Linux: a batch's results fit the pipe
+            pool = stream._pool.pool
+            for queue in (pool._result_queue, pool._call_queue):
+                size = fcntl.fcntl(queue._reader.fileno(), fcntl.F_GETPIPE_SZ)
+                assert size >= 1 << 20
         got = []
         for i, acks in enumerate(stream.submit_stream((b, None) for b in batches)):
             got.append(_summary(acks))
