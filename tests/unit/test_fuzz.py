@@ -102,20 +102,31 @@ def _with_secret(prefix: str, kind: str, suffix: str) -> tuple[bytes, str]:
 planted = st.builds(_with_secret, words, st.sampled_from(sorted(PLANTED)), words)
 
 
+def _check_verdict(verdict: Clean | Rejected) -> None:
+    assert isinstance(verdict, Clean | Rejected)
+    if isinstance(verdict, Rejected):
+        assert verdict.reason and not verdict.reason.startswith("gate_error")
+    else:
+        assert any(verdict.content.get(k, "").strip() for k in ("text", "prompt"))
+        json.dumps(verdict.content).encode("utf-8")  # storable as-is
+
+
 def test_gate_never_crashes_and_always_gives_a_reason():
+    """Batches of generated inputs (hypothesis's cost is per example, so several
+    inputs an example): each through the batch path the agent takes
+    (``inspect_many``: the native pass, then the exact path for the rest) and one
+    by one (``inspect``), with the same verdict both ways."""
     seen = {"n": 0}
 
-    @settings(parent=FUZZ, max_examples=6000)
-    @given(raw_inputs)
-    def check(raw):
-        seen["n"] += 1
-        verdict = GATE.inspect(raw)
-        assert isinstance(verdict, Clean | Rejected)
-        if isinstance(verdict, Rejected):
-            assert verdict.reason and not verdict.reason.startswith("gate_error")
-        else:
-            assert any(verdict.content.get(k, "").strip() for k in ("text", "prompt"))
-            json.dumps(verdict.content).encode("utf-8")  # storable as-is
+    @settings(parent=FUZZ, max_examples=1000)
+    @given(st.lists(raw_inputs, min_size=6, max_size=10))
+    def check(raws):
+        seen["n"] += len(raws)
+        verdicts = GATE.inspect_many(raws)
+        assert len(verdicts) == len(raws)
+        for raw, verdict in zip(raws, verdicts, strict=True):
+            _check_verdict(verdict)
+            assert GATE.inspect(raw) == verdict
 
     check()
     assert seen["n"] >= 6000
