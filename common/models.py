@@ -41,6 +41,7 @@ from transformers import (
 
 from common.config import LoraSettings, ModelConfig
 from common.errors import ModelError
+from common.model_names import check_model_name, model_kind
 
 __all__ = [
     "PRESETS",
@@ -241,19 +242,14 @@ def _from_folder(name: str, folder: Path | str) -> BaseModel:
 def load_base_model(cfg: ModelConfig) -> BaseModel:
     """Load a preset, a local folder, or a model already in the Hugging Face cache."""
     name = cfg.name
-    if name in PRESETS:
+    check_model_name(name)  # the same decision, made before any import
+    kind = model_kind(name)
+    if kind == "preset":
         base = PRESETS[name]()
-    elif Path(name).expanduser().is_dir():
+    elif kind == "folder":
         base = _from_folder(name, Path(name).expanduser())
-    elif "/" in name and not Path(name).is_absolute():
-        base = _from_folder(
-            name, name
-        )  # a hub name, resolved from the local cache only
-    else:
-        raise ModelError(
-            f"model {name!r} not found: not a preset ({', '.join(sorted(PRESETS))}), "
-            "not a folder, and not a Hugging Face cache name; fix model.name"
-        )
+    else:  # a hub name, resolved from the local cache only
+        base = _from_folder(name, name)
     base.model.eval()
     for param in base.model.parameters():
         param.requires_grad_(False)

@@ -24,6 +24,7 @@ from client.store import Store, load_key
 from common.config import RunConfig
 from common.corpus import host_folders, host_stream
 from common.errors import DataError, FedstreamError
+from common.model_names import check_model_name
 from common.secret_file import ensure_secret
 
 __all__ = ["build_config", "main", "prepare_hosts", "run"]
@@ -270,6 +271,7 @@ def run(
     # Fail fast, in this process, on what would otherwise fail inside every host:
     # the data first (before the seconds of importing torch and transformers).
     cfg, hosts_dir, ingested = prepare_hosts(cfg)
+    check_model_name(cfg.model.name)
     from common.privacy import run_noise_multiplier
     from server.checkpoint import RunFolder
     from server.client_dp import client_dp_for
