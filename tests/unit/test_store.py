@@ -762,3 +762,18 @@ def test_batch_decisions_natively_and_in_python_agree():
     v = got[0]
     assert v[30] == v[40] == v[50] == -2 and v[31] == v[60] == v[70] == -3
     assert -1 in v[200:]  # copies under other keys are near-duplicates
+
+
+def test_decide_on_short_sketches_raises_with_nothing_indexed():
+    """decide() checks its inputs before it decides (it then runs without the GIL):
+    sketches for fewer records than keys are an IndexError, and nothing is kept."""
+    import client._native as native
+
+    idx = native.NearIndex(num_perm=128, bands=16, horizon=100, threshold=0.8)
+    keys = bytes(range(32))
+    with pytest.raises(IndexError):
+        idx.decide(b"\0" * 512, keys, keys, set(), set(), b"", b"")
+    assert len(idx) == 0
+    got = idx.decide(b"\1" * 1024, keys, keys[16:] + keys[:16], set(), set(), b"", b"")
+    assert got == [0, -1]  # the second's sketch is the first's: a near-duplicate
+    assert len(idx) == 1
