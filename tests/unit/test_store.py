@@ -777,3 +777,35 @@ def test_decide_on_short_sketches_raises_with_nothing_indexed():
     got = idx.decide(b"\1" * 1024, keys, keys[16:] + keys[:16], set(), set(), b"", b"")
     assert got == [0, -1]  # the second's sketch is the first's: a near-duplicate
     assert len(idx) == 1
+
+
+def test_a_replay_looks_up_no_content_of_records_whose_id_is_stored(tmp_path):
+    """A record whose id is stored is a duplicate by id whatever its content, so a
+    replay asks the store only about ids; a record with a new id and stored content
+    still has its content looked up (and is quarantined as a duplicate)."""
+    store = _open(tmp_path)
+    ing = Ingestor(store)
+    first = [
+        (json.dumps({"text": f"pump {i} serviced", "id": f"p{i}"}).encode(), "t")
+        for i in range(20)
+    ]
+    assert {a.status for a in ing.submit(first)} == {"STORED"}
+    asked = []
+    real = store._stored_keys
+
+    def spy(keys):
+        asked.append(sorted(k[:1] for k in keys))
+        return real(keys)
+
+    store._stored_keys = spy
+    replay = ing.submit(first)  # ids and contents all stored
+    assert [a.reason for a in replay] == ["already stored"] * 20
+    assert asked == [[b"r"] * 20, []]  # ids only
+    asked.clear()
+    copy = (json.dumps({"text": "pump 3 serviced", "id": "new"}).encode(), "t")
+    acks = ing.submit([first[5], copy])
+    assert [(a.status, a.reason) for a in acks] == [
+        ("DUPLICATE", "already stored"),
+        ("QUARANTINED", "duplicate"),
+    ]
+    assert asked == [[b"r"], [b"c"]]  # the new id's content, not the replay's
