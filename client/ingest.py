@@ -25,7 +25,7 @@ banded LSH index, within a horizon of the most recent records held in memory
 The filter is refreshed before each batch with whatever another writer stored since;
 a record another writer stores between that and the commit makes the commit refuse
 (``Conflict``, nothing written) and the batch is decided again. ``submit_stream``
-decides batch k+1 while batch k commits, counting k's records as stored.
+decides batch k+2 while batches k and k+1 commit, counting their records as stored.
 """
 
 from __future__ import annotations
