@@ -361,8 +361,10 @@ static void forget_key(NearIndex *self, long long key) {
     if (key < 0 || key >= self->next_key || self->horizon == 0) return;
     int32_t slot = (int32_t)(key % self->horizon);
     if (self->keys[slot] == key) unlink_slot(self, slot);
-    /* Removing the newest keys (a failed commit) hands their slots back, so the
-     * index holds exactly what it held before they were added. */
+    /* Removing the newest keys (a failed commit) hands their slots back; the older
+     * records they pushed out of a full horizon stay out (the batch decided again
+     * pushes out the same ones; after a commit that failed for good, the horizon
+     * is that many records short until more arrive). */
     while (self->next_key > 0 &&
            self->keys[(self->next_key - 1) % self->horizon] != self->next_key - 1)
         self->next_key--;
