@@ -25,7 +25,6 @@ import sys
 import threading
 import time
 from array import array
-from collections.abc import Mapping
 from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -94,7 +93,12 @@ class Fronted:
     chashes: bytes  # keyed hash of the normalised content
     groups: bytes  # keyed hash of the label, else of the first tag
     tss: array[float]  # 0 = time of arrival
-    pii: dict[int, Mapping[str, int]]  # j -> replacements, where there were any
+    # PII replacements, one entry per (record, kind) where there were any, as
+    # columns (a dict per record cost the ingesting process 0.6 us a record to
+    # unpickle: 3.5% of a stream): record j, kind, count
+    pii_at: array[int]
+    pii_kinds: list[str]
+    pii_counts: array[int]
     sketches: bytes  # (len(passed), num_perm) uint32
     payloads: bytes  # nonce || AES-GCM(content as JSON), aad = rid; back to back
     starts: array[int]  # payload j is payloads[starts[j]:starts[j + 1]]
@@ -138,6 +142,13 @@ class Front:
         payloads = self.keys.seal_many(
             contents, [rids[i : i + 16] for i in range(0, len(rids), 16)]
         )
+        pii_at, pii_kinds, pii_counts = array("I"), [], array("I")
+        for j, c in enumerate(cleans):
+            if c.pii:
+                for kind, n in c.pii.items():
+                    pii_at.append(j)
+                    pii_kinds.append(kind)
+                    pii_counts.append(n)
         return Fronted(
             rejected=rejected,
             passed=passed,
@@ -145,7 +156,9 @@ class Front:
             chashes=chashes,
             groups=groups,
             tss=array("d", tss),
-            pii={j: c.pii for j, c in enumerate(cleans) if c.pii},
+            pii_at=pii_at,
+            pii_kinds=pii_kinds,
+            pii_counts=pii_counts,
             sketches=sketch_texts(key_texts, self.num_perm, self.seed),
             payloads=b"".join(payloads),
             starts=array("Q", itertools.accumulate(map(len, payloads), initial=0)),

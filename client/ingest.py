@@ -530,11 +530,9 @@ class Ingestor:
         tss = fr.tss
         batch.tss = [tss[j] for j in keep]
         batch.payloads, batch.lengths = gather_var(fr.payloads, fr.starts, keep)
-        pii = fr.pii
-        for j in keep:
-            if j in pii:
-                for kind, n in pii[j].items():
-                    batch.count(f"pii:{kind}", n)
+        for j, kind, n in zip(fr.pii_at, fr.pii_kinds, fr.pii_counts, strict=True):
+            if decided[j] >= 0:  # kept
+                batch.count(f"pii:{kind}", n)
         if keep:
             batch.count("stored", len(keep))
         return _Prepared(

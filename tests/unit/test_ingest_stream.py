@@ -348,3 +348,28 @@ def test_native_record_keys_are_the_python_keyed_hashes(tmp_path):
     assert fronted.rid(1) == fronted.chashes[16:32]  # no id: the content's hash
     with pytest.raises(TypeError):
         record_keys(front.keys.mac, [("not", "a", "record")])
+
+
+def test_pii_counters_count_the_stored_records_only(tmp_path):
+    """pii:<KIND> counters add up the replacements in the records that are stored
+    (a redelivered or near-duplicate record's PII is not counted twice), streamed
+    and one batch a call alike."""
+    records = [
+        {
+            "text": f"note {i}: call +44 20 7946 {i:04d} or mail u{i}@example.com",
+            "id": f"p{i}",
+        }
+        for i in range(30)
+    ]
+    records += [records[3], records[7]]  # redelivered: not stored again
+    records += [{"text": "no personal data in this one at all", "id": "q"}]
+    batch = [(json.dumps(r).encode(), "t") for r in records]
+    unary = Ingestor(_open(tmp_path, "u.db"))
+    stream = Ingestor(_open(tmp_path, "s.db"))
+    unary.submit(batch[:16])
+    unary.submit(batch[16:])
+    list(stream.submit_stream([(batch[:16], None), (batch[16:], None)]))
+    for ing in (unary, stream):
+        c = ing.store.counters()
+        assert c["stored"] == 31 and c["duplicates"] == 2
+        assert c["pii:EMAIL"] == 30 and c["pii:PHONE"] == 30
