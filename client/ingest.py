@@ -288,11 +288,7 @@ class Ingestor:
                             raise
                         yield settled
                     if redo is not None:
-                        for later in reversed(redo):
-                            self._undo(later)
-                        self._drain(inflight)  # skipped, each: nothing written
-                        for later in redo:
-                            yield self._submit(later.items, later.offsets)
+                        yield from self._redo(redo, inflight)
                         continue
                     prev = inflight[-1][0] if inflight else None
                     inflight.append((pool.submit(self._commit, prep.batch, prev), prep))
@@ -301,12 +297,9 @@ class Ingestor:
                     try:
                         settled = self._settle(*done)
                     except Conflict:
-                        redo = [done[1], *(p for _, p in inflight)]
-                        for later in reversed(redo):
-                            self._undo(later)
-                        self._drain(inflight)
-                        for later in redo:
-                            yield self._submit(later.items, later.offsets)
+                        yield from self._redo(
+                            [done[1], *(p for _, p in inflight)], inflight
+                        )
                         return
                     except BaseException:
                         self._undo(done[1])
@@ -320,10 +313,7 @@ class Ingestor:
                     try:
                         self._settle(*done)
                     except BaseException:
-                        self._undo(done[1])
-                        for _, later in reversed(inflight):
-                            self._undo(later)
-                        self._drain(inflight)
+                        self._abandon([done[1], *(p for _, p in inflight)], inflight)
 
     def _commit(self, batch: Batch, prev: Future[list[int]] | None) -> list[int]:
         """The commit thread's job: ``batch``, unless the batch before it failed
@@ -332,13 +322,30 @@ class Ingestor:
             raise _Skipped
         return self.store.commit(batch)
 
-    @staticmethod
-    def _drain(inflight: deque[tuple[Future[list[int]], _Prepared]]) -> None:
-        """Wait for the commits in flight, each skipped after one failed."""
+    def _abandon(
+        self,
+        preps: list[_Prepared],
+        inflight: deque[tuple[Future[list[int]], _Prepared]],
+    ) -> None:
+        """Forget batches that are not written (newest first), and wait out the
+        commits still in flight: each is refused, as the one before it failed."""
+        for prep in reversed(preps):
+            self._undo(prep)
         while inflight:
             future, _ = inflight.popleft()
-            with contextlib.suppress(Exception):  # skipped, or failed: raised before
+            with contextlib.suppress(Exception):  # refused, or failed: raised before
                 future.result()
+
+    def _redo(
+        self,
+        preps: list[_Prepared],
+        inflight: deque[tuple[Future[list[int]], _Prepared]],
+    ) -> Iterator[list[Ack]]:
+        """Another writer stored meanwhile: these batches, which were not
+        written, are decided again and committed one at a time."""
+        self._abandon(preps, inflight)
+        for prep in preps:
+            yield self._submit(prep.items, prep.offsets)
 
     def _fronted(
         self,
