@@ -183,6 +183,28 @@ def _block_has(block: bytes, key: bytes) -> bool:
     return False
 
 
+_OPEN_PATIENCE_S = 30.0
+
+
+def _when_unlocked(step: Callable[[], None]) -> None:
+    """``step``, again while another process holds the lock it needs (processes
+    opening a new store at once: the agent and a ClientApp); SQLite's own busy
+    timeout does not cover every lock taken on opening. Gives up after
+    ``_OPEN_PATIENCE_S`` seconds with the error."""
+    deadline = time.monotonic() + _OPEN_PATIENCE_S
+    delay = 0.005
+    while True:
+        try:
+            step()
+            return
+        except sqlite3.OperationalError as err:
+            locked = "locked" in str(err) or "busy" in str(err)
+            if not locked or time.monotonic() + delay > deadline:
+                raise
+        time.sleep(delay)
+        delay = min(delay * 2, 0.25)
+
+
 def load_key(key_file: Path | None, *, create: bool = True) -> bytes:
     """The 32-byte store key from ``$FEDSTREAM_STORE_KEY`` (base64) or a key file.
 
@@ -321,20 +343,27 @@ class Store:
             self.db = sqlite3.connect(
                 path, isolation_level=None, check_same_thread=False
             )
-            self.db.execute("PRAGMA journal_mode=WAL")
+            _when_unlocked(self._set_wal)
             self.db.execute(f"PRAGMA synchronous={synchronous}")
             # Checkpoint the WAL every ~40 MB instead of SQLite's ~4 MB: the random
             # dedup-key indexes dirty hundreds of pages a batch, and each checkpoint
             # copies them back (bench/RESULTS.md, "store rows": +15-20% at
             # 100,000 records). Durability is the WAL's either way.
             self.db.execute(f"PRAGMA wal_autocheckpoint={WAL_AUTOCHECKPOINT_PAGES}")
-            self._create_or_migrate()
+            _when_unlocked(self._create_or_migrate)
         except sqlite3.DatabaseError as err:
             raise StoreError(f"cannot open store {path}: {err}") from None
         self.keys = Keys(key)
         self._aead = self.keys.aead
         self._reader: sqlite3.Connection | None = None  # dedup lookups
         self._check_key()
+
+    def _set_wal(self) -> None:
+        """WAL mode, kept in the file: set by the first opener only (setting it
+        takes a lock that SQLite's busy timeout does not wait for)."""
+        mode = self.db.execute("PRAGMA journal_mode").fetchone()[0]
+        if str(mode).lower() != "wal":
+            self.db.execute("PRAGMA journal_mode=WAL")
 
     def _create_or_migrate(self) -> None:
         """Create the tables, or bring a store of an older layout to this one, in one
