@@ -26,6 +26,7 @@ import threading
 import time
 from array import array
 from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
 from typing import Any
 
@@ -274,6 +275,35 @@ class FrontPool:
 
     def submit(self, raws: list[bytes | dict[str, Any]]) -> Future[Fronted]:
         return self.pool.submit(_run_in_worker, raws)
+
+    def result(self, future: Future[Fronted]) -> Fronted:
+        """``future.result()``, raising instead of hanging when a worker died.
+
+        A worker killed while it writes its result leaves part of a message in
+        the result pipe: the pool's reader thread then waits for the rest
+        forever (the pipe's write end stays open in this process), and no future
+        ever completes. So while a result is awaited the workers are checked;
+        once one is gone and the pool has not noticed within a moment, the
+        pipe's write end here is closed: the reader sees its end, and the pool
+        fails its futures as broken (the caller then does the batch itself)."""
+        grace = 0.0
+        while True:
+            try:
+                return future.result(timeout=0.25)
+            except FutureTimeout:
+                pass
+            procs = getattr(self.pool, "_processes", None) or {}
+            if all(p.is_alive() for p in list(procs.values())):
+                grace = 0.0
+                continue
+            grace += 0.25
+            if grace >= 2.0:
+                self._cut()
+
+    def _cut(self) -> None:
+        writer = getattr(getattr(self.pool, "_result_queue", None), "_writer", None)
+        with contextlib.suppress(AttributeError, OSError):
+            writer.close()  # type: ignore[union-attr]
 
     def close(self) -> None:
         self.pool.shutdown(wait=True, cancel_futures=True)

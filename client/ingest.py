@@ -393,7 +393,7 @@ class Ingestor:
             fill(self.workers + 1)  # the workers stay busy while this one is decided
             fronted: Fronted | None = None
             try:
-                fronted = future.result() if future is not None else None
+                fronted = pool.result(future) if future is not None else None
             except Exception as err:  # a worker lost: the same function, here
                 lost(err)
             yield items, offsets, fronted

@@ -373,3 +373,39 @@ def test_pii_counters_count_the_stored_records_only(tmp_path):
         c = ing.store.counters()
         assert c["stored"] == 31 and c["duplicates"] == 2
         assert c["pii:EMAIL"] == 30 and c["pii:PHONE"] == 30
+
+
+def test_a_worker_killed_mid_answer_fails_the_batch_instead_of_hanging(tmp_path):
+    """A worker killed while it writes its result leaves half a message in the
+    result pipe, and the pool's reader waits for the rest forever. FrontPool.result
+    notices the dead worker and raises (the stream then checks the batch itself)
+    instead of hanging. The half message is made by hand: the worker is stopped,
+    a message header promising 1,000 bytes is written, then the worker is killed."""
+    import os
+    import signal
+    import struct
+    import time
+
+    ing = Ingestor(_open(tmp_path), workers=1)
+    try:
+        ing.start_workers()
+        pool = ing._pool
+        (pid,) = list(pool.pool._processes)
+        os.kill(pid, signal.SIGSTOP)
+        os.write(pool.pool._result_queue._writer.fileno(), struct.pack("!i", 1000))
+        time.sleep(0.3)  # the pool's reader takes the header and waits for the rest
+        future = pool.submit([b'{"text": "never answered"}'])
+        os.kill(pid, signal.SIGKILL)
+        start = time.monotonic()
+        from concurrent.futures.process import BrokenProcessPool
+
+        with pytest.raises(BrokenProcessPool):
+            pool.result(future)
+        assert time.monotonic() - start < 15
+        # the stream goes on without the pool: every batch checked here
+        batches = _batches(2)
+        got = [_summary(a) for a in ing.submit_stream((b, None) for b in batches)]
+        fresh = Ingestor(_open(tmp_path, "ref.db"))
+        assert got == [_summary(fresh.submit(b)) for b in batches]
+    finally:
+        ing.close()
