@@ -1980,9 +1980,63 @@ static PyObject *py_clean_records(PyObject *Py_UNUSED(mod), PyObject *args) {
  * a bytes object of whole keys: one key, or a run's blob), sorted bytewise, as one
  * blob. client.store's runs and their merges. */
 
-static size_t sort_width;
-
-static int cmp_keys(const void *a, const void *b) { return memcmp(a, b, sort_width); }
+/* Sorts n keys of `width` bytes in buf and drops repeats; returns how many are kept.
+ * A bottom-up merge of buf's ascending runs (a merge of the store's sorted runs is
+ * O(n log runs), not a sort from scratch); touches no Python object, so callers
+ * run it without the GIL (the commit thread merges runs while the ingesting
+ * thread goes on). -1: out of memory. */
+static Py_ssize_t sort_distinct(char *buf, size_t n, size_t width) {
+    if (n > 1) {
+        size_t runs = 1;
+        for (size_t i = 1; i < n; i++)
+            if (memcmp(buf + (i - 1) * width, buf + i * width, width) > 0) runs++;
+        size_t *at = PyMem_RawMalloc((runs + 1) * sizeof *at);
+        char *tmp = runs > 1 ? PyMem_RawMalloc(n * width) : NULL;
+        if (!at || (runs > 1 && !tmp)) {
+            PyMem_RawFree(at);
+            PyMem_RawFree(tmp);
+            return -1;
+        }
+        size_t r = 0;
+        at[r++] = 0;
+        for (size_t i = 1; i < n; i++)
+            if (memcmp(buf + (i - 1) * width, buf + i * width, width) > 0) at[r++] = i;
+        at[r] = n;
+        char *src = buf, *dst = tmp;
+        while (runs > 1) { /* merge runs pairwise: [at[2k], at[2k+1]) with the next */
+            size_t out = 0;
+            for (size_t k = 0; k < runs; k += 2) {
+                size_t i = at[k], mid = at[k + 1 < runs ? k + 1 : runs];
+                size_t j = mid, end = at[k + 2 < runs ? k + 2 : runs], o = i;
+                while (i < mid && j < end) {
+                    if (memcmp(src + i * width, src + j * width, width) <= 0)
+                        memcpy(dst + o++ * width, src + i++ * width, width);
+                    else
+                        memcpy(dst + o++ * width, src + j++ * width, width);
+                }
+                memcpy(dst + o * width, src + i * width, (mid - i) * width);
+                o += mid - i;
+                memcpy(dst + o * width, src + j * width, (end - j) * width);
+                at[out++] = at[k];
+            }
+            at[out] = n;
+            runs = out;
+            char *t = src;
+            src = dst;
+            dst = t;
+        }
+        if (src != buf) memcpy(buf, src, n * width);
+        PyMem_RawFree(at);
+        PyMem_RawFree(tmp);
+    }
+    size_t kept = 0;
+    for (size_t i = 0; i < n; i++) {
+        if (kept && !memcmp(buf + (kept - 1) * width, buf + i * width, width)) continue;
+        if (kept != i) memmove(buf + kept * width, buf + i * width, width);
+        kept++;
+    }
+    return (Py_ssize_t)kept;
+}
 
 static PyObject *py_sort_keys(PyObject *Py_UNUSED(mod), PyObject *args) {
     PyObject *parts;
@@ -2016,15 +2070,12 @@ static PyObject *py_sort_keys(PyObject *Py_UNUSED(mod), PyObject *args) {
         at += PyBytes_GET_SIZE(p);
     }
     Py_DECREF(seq);
-    size_t keys = (size_t)(total / width), kept = 0;
-    sort_width = (size_t)width; /* under the GIL: one sort at a time */
-    qsort(buf, keys, (size_t)width, cmp_keys);
-    for (size_t i = 0; i < keys; i++) {
-        if (kept && !memcmp(buf + (kept - 1) * width, buf + i * width, width)) continue;
-        if (kept != i) memmove(buf + kept * width, buf + i * width, width);
-        kept++;
-    }
-    PyObject *out = PyBytes_FromStringAndSize(buf, (Py_ssize_t)(kept * width));
+    Py_ssize_t kept;
+    Py_BEGIN_ALLOW_THREADS
+    kept = sort_distinct(buf, (size_t)(total / width), (size_t)width);
+    Py_END_ALLOW_THREADS
+    PyObject *out =
+        kept < 0 ? PyErr_NoMemory() : PyBytes_FromStringAndSize(buf, kept * width);
     PyMem_Free(buf);
     return out;
 }
@@ -2139,15 +2190,8 @@ static PyObject *py_dedup_keys(PyObject *Py_UNUSED(mod), PyObject *args) {
         buf[17 * (o + i)] = 'c';
         memcpy(buf + 17 * (o + i) + 1, (const char *)c.buf + 16 * i, 16);
     }
-    size_t kept = 0;
-    sort_width = 17;
-    qsort(buf, (size_t)n, 17, cmp_keys);
-    for (Py_ssize_t i = 0; i < n; i++) {
-        if (kept && !memcmp(buf + (kept - 1) * 17, buf + i * 17, 17)) continue;
-        if ((Py_ssize_t)kept != i) memmove(buf + kept * 17, buf + i * 17, 17);
-        kept++;
-    }
-    out = PyBytes_FromStringAndSize(buf, (Py_ssize_t)kept * 17);
+    Py_ssize_t kept = sort_distinct(buf, (size_t)n, 17);
+    out = kept < 0 ? PyErr_NoMemory() : PyBytes_FromStringAndSize(buf, kept * 17);
     PyMem_Free(buf);
 done:
     PyBuffer_Release(&r);
