@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import contextlib
 import gc
-import itertools
 import multiprocessing
 import os
 import re
@@ -140,9 +139,7 @@ class Front:
             rids, chashes, groups, tss = record_keys(self.keys.mac, cleans)
         else:
             rids, chashes, groups, tss = self._keys(cleans)
-        payloads = self.keys.seal_many(
-            contents, [rids[i : i + 16] for i in range(0, len(rids), 16)]
-        )
+        payloads, starts = self.keys.seal_batch(contents, rids)
         pii_at, pii_kinds, pii_counts = array("I"), [], array("I")
         for j, c in enumerate(cleans):
             if c.pii:
@@ -161,8 +158,8 @@ class Front:
             pii_kinds=pii_kinds,
             pii_counts=pii_counts,
             sketches=sketch_texts(key_texts, self.num_perm, self.seed),
-            payloads=b"".join(payloads),
-            starts=array("Q", itertools.accumulate(map(len, payloads), initial=0)),
+            payloads=payloads,
+            starts=starts,
         )
 
     def _keys(self, cleans: list[Clean]) -> tuple[bytes, bytes, bytes, bytes]:

@@ -35,7 +35,7 @@ import json
 import logging
 import threading
 from collections import deque
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, NamedTuple
@@ -291,7 +291,12 @@ class Ingestor:
                         yield from self._redo(redo, inflight)
                         continue
                     prev = inflight[-1][0] if inflight else None
-                    inflight.append((pool.submit(self._commit, prep.batch, prev), prep))
+                    try:
+                        write = self.store.begin_commit(prep.batch)
+                    except BaseException:
+                        self._undo(prep)
+                        raise
+                    inflight.append((pool.submit(self._commit, write, prev), prep))
                 while inflight:
                     done = inflight.popleft()
                     try:
@@ -315,12 +320,16 @@ class Ingestor:
                     except BaseException:
                         self._abandon([done[1], *(p for _, p in inflight)], inflight)
 
-    def _commit(self, batch: Batch, prev: Future[list[int]] | None) -> list[int]:
-        """The commit thread's job: ``batch``, unless the batch before it failed
-        (then this one was decided on records that were not stored)."""
+    @staticmethod
+    def _commit(
+        write: Callable[[], list[int]], prev: Future[list[int]] | None
+    ) -> list[int]:
+        """The commit thread's job: a batch's write (``Store.begin_commit``: one
+        statement), unless the batch before it failed (then this one was decided
+        on records that were not stored)."""
         if prev is not None and prev.exception() is not None:
             raise _Skipped
-        return self.store.commit(batch)
+        return write()
 
     def _abandon(
         self,

@@ -76,8 +76,7 @@ def test_a_failed_commit_in_a_stream_leaves_nothing_of_the_next_batch(tmp_path):
         if len(calls) != 3:
             return finish
 
-        def broken():  # as finish() when the disk fails: rolled back, raised
-            store.db.execute("ROLLBACK")
+        def broken():  # as finish() when the disk fails: nothing written, raised
             raise OSError("disk I/O error")
 
         return broken
@@ -134,7 +133,7 @@ def test_a_writer_storing_as_many_records_as_a_failed_batch_still_fails_the_next
     store = _open(tmp_path)
     other = Ingestor(_open(tmp_path))
     ing = Ingestor(store)
-    real = store.commit
+    real = store.begin_commit
     n_first = sum(
         a.status == "STORED"
         for a in Ingestor(_open(tmp_path, "p.db")).submit(batches[0])
@@ -151,13 +150,18 @@ def test_a_writer_storing_as_many_records_as_a_failed_batch_still_fails_the_next
         for i in range(n_first - 1)
     ]
 
-    def commit(batch):
-        if not raced:  # batch 2's record 10 and others, as many as batch 1 stores
-            raced.append(other.submit([batches[1][10], *fresh]))
-            assert sum(a.status == "STORED" for a in raced[0]) == n_first
-        return real(batch)
+    def begin(batch):
+        finish = real(batch)
 
-    store.commit = commit
+        def write():  # batch 2's record 10 and others, as many as batch 1 stores
+            if not raced:
+                raced.append(other.submit([batches[1][10], *fresh]))
+                assert sum(a.status == "STORED" for a in raced[0]) == n_first
+            return finish()
+
+        return write
+
+    store.begin_commit = begin
     out = list(ing.submit_stream((b, None) for b in batches))
     assert [len(a) for a in out] == [len(b) for b in batches]
     assert out[1][10].status == "DUPLICATE"
@@ -206,13 +210,18 @@ def test_another_writer_storing_during_a_stream_is_decided_again(tmp_path):
     conflicts = []
 
     def begin(batch):
-        if not conflicts:  # the other writer stores batch 2's first record first
-            other.submit(batches[1][5:6])
-        try:
-            return real(batch)
-        except Conflict:
-            conflicts.append(1)
-            raise
+        finish = real(batch)
+
+        def write():
+            if not conflicts:  # the other writer stores batch 2's first record first
+                other.submit(batches[1][5:6])
+            try:
+                return finish()
+            except Conflict:
+                conflicts.append(1)
+                raise
+
+        return write
 
     store.begin_commit = begin
     out = list(ing.submit_stream((b, None) for b in batches))

@@ -284,13 +284,18 @@ def test_a_record_stored_by_another_writer_meanwhile_is_decided_again(tmp_path):
     raced = []
 
     def commit_after_the_other_writer(batch):
-        if not raced:
-            raced.append(Ingestor(other).submit([record])[0].status)
-        try:
-            return real_commit(batch)
-        except Conflict:
-            raced.append("conflict")
-            raise
+        finish = real_commit(batch)
+
+        def write():
+            if not raced:
+                raced.append(Ingestor(other).submit([record])[0].status)
+            try:
+                return finish()
+            except Conflict:
+                raced.append("conflict")
+                raise
+
+        return write
 
     store.begin_commit = commit_after_the_other_writer
     acks = ing.submit([record, fresh])
@@ -663,6 +668,14 @@ def test_sorting_dedup_keys_natively_and_in_python_agree():
         every = {p[i : i + 17] for p in parts for i in range(0, len(p), 17)}
         assert got == b"".join(sorted(every))
     assert native(keys, 17) == b"".join(sorted(set(keys)))
+    # a merge of runs, not a sort: unsorted blobs, odd run counts, other widths
+    for width in (1, 3, 17):
+        for _ in range(40):
+            parts = [
+                bytes(rng.randrange(3) for _ in range(width * rng.randrange(9)))
+                for _ in range(rng.randrange(7))
+            ]
+            assert native(parts, width) == python(parts, width)
     for bad in (([b"abc"], 17), ([b"a" * 17], 0), (["x" * 17], 17)):
         with pytest.raises((ValueError, TypeError)):
             native(*bad)
@@ -809,3 +822,47 @@ def test_a_replay_looks_up_no_content_of_records_whose_id_is_stored(tmp_path):
         ("QUARANTINED", "duplicate"),
     ]
     assert asked == [[b"r"], [b"c"]]  # the new id's content, not the replay's
+
+
+def test_sealing_a_batch_natively_gives_the_bytes_of_aesgcm(tmp_path, monkeypatch):
+    """Keys.seal_batch through client._seal (libcrypto's AES-GCM, JSON written
+    natively) and through cryptography's AESGCM with orjson: the same payloads for
+    the same nonces, each opening to its content with its rid; a content that is
+    not plain str/list values takes the Python path, still sealed."""
+    import random
+
+    import client._seal as native
+    import client.store
+    from client.store import Keys
+
+    assert native.available()  # CI builds it and has libcrypto (Python's own)
+    rng = random.Random(5)
+    keys = Keys(bytes(rng.randrange(256) for _ in range(32)))
+    alphabet = 'ab "\\\n\t\x01\x1f\x7fé☃'
+    contents = [
+        {
+            "text": "".join(rng.choice(alphabet) for _ in range(rng.randrange(1, 60))),
+            **({"label": "l"} if i % 3 == 0 else {}),
+            **({"id": f"id{i}"} if i % 2 == 0 else {}),
+            **({"tags": [f"t{k}" for k in range(i % 4)]} if i % 5 else {}),
+        }
+        for i in range(200)
+    ]
+    rids = bytes(rng.randrange(256) for _ in range(16 * len(contents)))
+    nonces = bytes(rng.randrange(256) for _ in range(12 * len(contents)))
+    monkeypatch.setattr(client.store.os, "urandom", lambda n: nonces[:n])
+    got, starts = keys.seal_batch(contents, rids)
+    monkeypatch.setattr(client.store, "_seal_natively", None)
+    want, want_starts = keys.seal_batch(contents, rids)
+    assert got == want and list(starts) == list(want_starts)
+    store = _open(tmp_path)
+    store.keys = keys
+    store._aead = keys.aead
+    for j, content in enumerate(contents):
+        payload = got[starts[j] : starts[j + 1]]
+        assert store._open(payload, rids[16 * j : 16 * j + 16]) == content
+    odd = [{"text": "x", "n": 3}]  # not the gate's shape: Python's path
+    assert native.seal_many(keys.key, odd, rids[:16], nonces[:12]) is None
+    monkeypatch.setattr(client.store, "_seal_natively", native.seal_many)
+    blob, cuts = keys.seal_batch(odd, rids[:16])
+    assert store._open(blob[cuts[0] : cuts[1]], rids[:16]) == odd[0]

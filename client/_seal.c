@@ -1,0 +1,266 @@
+/* client._seal: a batch's record contents sealed in one call.
+ *
+ * seal_many(key, contents, aads, nonces) -> (payloads, starts) | None
+ *
+ * Each content (a dict of str -> str or list of str: what the gate keeps) is
+ * written as compact JSON and sealed with AES-256-GCM under its 12-byte nonce
+ * (nonces: 12 bytes a record, back to back) with its 16-byte aad (aads: the
+ * records' rids, back to back): payload = nonce || ciphertext || tag, the same
+ * bytes as client.store.Keys.seal with cryptography's AESGCM. The payloads come
+ * back back to back, with their n + 1 start offsets as native uint64 (an
+ * array('Q')).
+ *
+ * The cipher is OpenSSL's libcrypto (the one Python's own _hashlib and
+ * cryptography's wheels build against), loaded at the first call: no headers or
+ * link flags at build time. None (and the caller's Python path) where it cannot be
+ * loaded, or where a content is not of that plain shape (any other value type,
+ * a string that is not valid UTF-8). The encryption runs without the GIL.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <dlfcn.h>
+#include <stdint.h>
+#include <string.h>
+
+typedef struct evp_cipher_ctx EVP_CIPHER_CTX;
+typedef struct evp_cipher EVP_CIPHER;
+typedef struct engine ENGINE;
+
+static EVP_CIPHER_CTX *(*ctx_new)(void);
+static void (*ctx_free)(EVP_CIPHER_CTX *);
+static const EVP_CIPHER *(*aes_256_gcm)(void);
+static int (*encrypt_init)(EVP_CIPHER_CTX *, const EVP_CIPHER *, ENGINE *,
+                           const unsigned char *, const unsigned char *);
+static int (*encrypt_update)(EVP_CIPHER_CTX *, unsigned char *, int *,
+                             const unsigned char *, int);
+static int (*encrypt_final)(EVP_CIPHER_CTX *, unsigned char *, int *);
+static int (*ctx_ctrl)(EVP_CIPHER_CTX *, int, int, void *);
+
+#define CTRL_GCM_GET_TAG 0x10
+#define NONCE 12
+#define TAG 16
+#define AAD 16
+
+static int crypto_state; /* 0: not tried, 1: loaded, -1: not available */
+
+static int load_crypto(void) {
+    if (crypto_state) return crypto_state;
+    static const char *names[] = {"libcrypto.so.3", "libcrypto.so", "libcrypto.dylib"};
+    void *lib = NULL;
+    for (size_t i = 0; i < sizeof names / sizeof *names && !lib; i++)
+        lib = dlopen(names[i], RTLD_NOW | RTLD_LOCAL);
+    crypto_state = -1;
+    if (!lib) return crypto_state;
+    *(void **)&ctx_new = dlsym(lib, "EVP_CIPHER_CTX_new");
+    *(void **)&ctx_free = dlsym(lib, "EVP_CIPHER_CTX_free");
+    *(void **)&aes_256_gcm = dlsym(lib, "EVP_aes_256_gcm");
+    *(void **)&encrypt_init = dlsym(lib, "EVP_EncryptInit_ex");
+    *(void **)&encrypt_update = dlsym(lib, "EVP_EncryptUpdate");
+    *(void **)&encrypt_final = dlsym(lib, "EVP_EncryptFinal_ex");
+    *(void **)&ctx_ctrl = dlsym(lib, "EVP_CIPHER_CTX_ctrl");
+    if (ctx_new && ctx_free && aes_256_gcm && encrypt_init && encrypt_update &&
+        encrypt_final && ctx_ctrl)
+        crypto_state = 1;
+    return crypto_state;
+}
+
+/* ---- compact JSON of a plain content dict ---------------------------------------- */
+
+typedef struct {
+    char *p;
+    size_t n, cap;
+} Buf;
+
+static int grow(Buf *b, size_t more) {
+    if (b->n + more <= b->cap) return 0;
+    size_t cap = b->cap ? b->cap : 4096;
+    while (cap < b->n + more) cap *= 2;
+    char *p = PyMem_Realloc(b->p, cap);
+    if (!p) return -1;
+    b->p = p;
+    b->cap = cap;
+    return 0;
+}
+
+static const char HEX[] = "0123456789abcdef";
+
+/* 0: written; 1: not a plain string (the caller's Python path); -1: no memory */
+static int put_str(Buf *b, PyObject *s) {
+    if (!PyUnicode_Check(s)) return 1;
+    Py_ssize_t len;
+    const char *u = PyUnicode_AsUTF8AndSize(s, &len); /* cached; ASCII: the data */
+    if (!u) {
+        PyErr_Clear(); /* e.g. a lone surrogate */
+        return 1;
+    }
+    if (grow(b, 6 * (size_t)len + 2) < 0) return -1; /* \u00XX: 6 bytes at most */
+    char *o = b->p + b->n;
+    *o++ = '"';
+    for (Py_ssize_t i = 0; i < len; i++) {
+        unsigned char c = (unsigned char)u[i];
+        if (c >= 0x20 && c != '"' && c != '\\') {
+            *o++ = (char)c;
+            continue;
+        }
+        *o++ = '\\';
+        switch (c) {
+        case '"': *o++ = '"'; break;
+        case '\\': *o++ = '\\'; break;
+        case '\n': *o++ = 'n'; break;
+        case '\r': *o++ = 'r'; break;
+        case '\t': *o++ = 't'; break;
+        case '\b': *o++ = 'b'; break;
+        case '\f': *o++ = 'f'; break;
+        default:
+            *o++ = 'u';
+            *o++ = '0';
+            *o++ = '0';
+            *o++ = HEX[c >> 4];
+            *o++ = HEX[c & 15];
+        }
+    }
+    *o++ = '"';
+    b->n = (size_t)(o - b->p);
+    return 0;
+}
+
+static int put_char(Buf *b, char c) {
+    if (grow(b, 1) < 0) return -1;
+    b->p[b->n++] = c;
+    return 0;
+}
+
+/* the content as {"key":value,...} in its key order (as orjson.dumps writes it) */
+static int put_content(Buf *b, PyObject *d) {
+    if (!PyDict_CheckExact(d)) return 1;
+    Py_ssize_t pos = 0;
+    PyObject *k, *v;
+    int first = 1, r;
+    if (put_char(b, '{') < 0) return -1;
+    while (PyDict_Next(d, &pos, &k, &v)) {
+        if (!first && put_char(b, ',') < 0) return -1;
+        first = 0;
+        if ((r = put_str(b, k))) return r;
+        if (put_char(b, ':') < 0) return -1;
+        if (PyList_CheckExact(v)) {
+            if (put_char(b, '[') < 0) return -1;
+            for (Py_ssize_t i = 0; i < PyList_GET_SIZE(v); i++) {
+                if (i && put_char(b, ',') < 0) return -1;
+                if ((r = put_str(b, PyList_GET_ITEM(v, i)))) return r;
+            }
+            if (put_char(b, ']') < 0) return -1;
+        } else if ((r = put_str(b, v))) {
+            return r;
+        }
+    }
+    return put_char(b, '}');
+}
+
+/* ---- sealing ------------------------------------------------------------------- */
+
+static PyObject *py_seal_many(PyObject *Py_UNUSED(mod), PyObject *args) {
+    Py_buffer key, aads, nonces;
+    PyObject *contents;
+    if (!PyArg_ParseTuple(args, "y*Oy*y*", &key, &contents, &aads, &nonces)) return NULL;
+    PyObject *seq = NULL, *result = NULL, *payloads = NULL, *starts = NULL;
+    Buf json = {0};
+    size_t *ends = NULL;
+    if (key.len != 32) {
+        PyErr_SetString(PyExc_ValueError, "seal_many(): a 32-byte key");
+        goto done;
+    }
+    seq = PySequence_Fast(contents, "seal_many(): contents must be a list");
+    if (!seq) goto done;
+    Py_ssize_t n = PySequence_Fast_GET_SIZE(seq);
+    if (aads.len != AAD * n || nonces.len != NONCE * n) {
+        PyErr_SetString(PyExc_ValueError,
+                        "seal_many(): 16 bytes of aad and 12 of nonce a content");
+        goto done;
+    }
+    if (load_crypto() < 0) {
+        result = Py_NewRef(Py_None);
+        goto done;
+    }
+    ends = PyMem_Malloc((n + 1) * sizeof *ends);
+    if (!ends) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    size_t total = 0;
+    for (Py_ssize_t j = 0; j < n; j++) {
+        int r = put_content(&json, PySequence_Fast_GET_ITEM(seq, j));
+        if (r < 0) {
+            PyErr_NoMemory();
+            goto done;
+        }
+        if (r > 0) { /* not plain: the caller's path for the whole batch */
+            result = Py_NewRef(Py_None);
+            goto done;
+        }
+        ends[j] = json.n;
+        if (json.n > (size_t)INT_MAX) {
+            result = Py_NewRef(Py_None);
+            goto done;
+        }
+    }
+    total = json.n + (size_t)n * (NONCE + TAG);
+    payloads = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)total);
+    starts = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)((n + 1) * sizeof(uint64_t)));
+    if (!payloads || !starts) goto done;
+    unsigned char *out = (unsigned char *)PyBytes_AS_STRING(payloads);
+    uint64_t *st = (uint64_t *)PyBytes_AS_STRING(starts);
+    const unsigned char *k = key.buf, *aad = aads.buf, *iv = nonces.buf;
+    const unsigned char *pt = (const unsigned char *)json.p;
+    int ok = 1;
+    Py_BEGIN_ALLOW_THREADS
+    EVP_CIPHER_CTX *ctx = ctx_new();
+    ok = ctx && encrypt_init(ctx, aes_256_gcm(), NULL, k, NULL) == 1;
+    size_t at = 0, from = 0;
+    for (Py_ssize_t j = 0; ok && j < n; j++) {
+        int len = (int)(ends[j] - from), got = 0, fin = 0, dummy = 0;
+        st[j] = at;
+        memcpy(out + at, iv + NONCE * j, NONCE);
+        ok = encrypt_init(ctx, NULL, NULL, NULL, iv + NONCE * j) == 1 &&
+             encrypt_update(ctx, NULL, &dummy, aad + AAD * j, AAD) == 1 &&
+             encrypt_update(ctx, out + at + NONCE, &got, pt + from, len) == 1 &&
+             encrypt_final(ctx, out + at + NONCE + got, &fin) == 1 &&
+             got + fin == len &&
+             ctx_ctrl(ctx, CTRL_GCM_GET_TAG, TAG, out + at + NONCE + len) == 1;
+        at += NONCE + (size_t)len + TAG;
+        from = ends[j];
+    }
+    st[n] = at;
+    if (ctx) ctx_free(ctx);
+    Py_END_ALLOW_THREADS
+    if (!ok) {
+        PyErr_SetString(PyExc_RuntimeError, "seal_many(): libcrypto's AES-GCM failed");
+        goto done;
+    }
+    result = PyTuple_Pack(2, payloads, starts);
+done:
+    Py_XDECREF(payloads);
+    Py_XDECREF(starts);
+    Py_XDECREF(seq);
+    PyMem_Free(json.p);
+    PyMem_Free(ends);
+    PyBuffer_Release(&key);
+    PyBuffer_Release(&aads);
+    PyBuffer_Release(&nonces);
+    return result;
+}
+
+static PyObject *py_available(PyObject *Py_UNUSED(mod), PyObject *Py_UNUSED(arg)) {
+    return PyBool_FromLong(load_crypto() > 0);
+}
+
+static PyMethodDef methods[] = {
+    {"seal_many", py_seal_many, METH_VARARGS,
+     "seal_many(key, contents, aads, nonces) -> (payloads, starts) | None"},
+    {"available", py_available, METH_NOARGS,
+     "available() -> bool: libcrypto's AES-GCM could be loaded."},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_seal", NULL, -1, methods};
+
+PyMODINIT_FUNC PyInit__seal(void) { return PyModule_Create(&module); }
