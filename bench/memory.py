@@ -57,7 +57,7 @@ def measure(
         )
         ingestor = Ingestor(store, horizon=horizon, workers=workers)
         ingestor.start_workers()
-        pids = list(ingestor._pool.pool._processes) if ingestor._pool else []
+        pids = ingestor._pool.pids if ingestor._pool else []
         rss: dict[int, float] = {}
         worker_rss: dict[int, float] = {}
         rnd, done = 0, 0

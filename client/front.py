@@ -19,14 +19,15 @@ import contextlib
 import gc
 import multiprocessing
 import os
+import pickle
 import re
 import sys
 import threading
 import time
 from array import array
-from concurrent.futures import Future, ProcessPoolExecutor
-from concurrent.futures import TimeoutError as FutureTimeout
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
+from multiprocessing.connection import Connection
 from typing import Any
 
 try:
@@ -201,19 +202,39 @@ def tune_process() -> None:
     sys.setswitchinterval(0.0002)
 
 
-_WORKER_FRONT: Front | None = None
+_FIELDS = tuple(Fronted.__dataclass_fields__)
 
 
-def _start_worker(
-    settings: GateSettings, keys: Keys, num_perm: int, seed: int, parent: int
+def _serve(
+    requests: Connection,
+    results: Connection,
+    settings: GateSettings,
+    keys: Keys,
+    num_perm: int,
+    seed: int,
+    parent: int,
 ) -> None:
-    global _WORKER_FRONT
-    _WORKER_FRONT = Front(Gate(settings), keys, num_perm=num_perm, seed=seed)
+    """A worker: ``Front.run`` of each request, answered in order, until the
+    ingesting process closes its end (or dies)."""
+    front = Front(Gate(settings), keys, num_perm=num_perm, seed=seed)
     tune_process()
-    # A worker outlives nothing: when the ingesting process dies (kill -9 too), it
-    # exits within half a second. (Not the kernel's parent-death signal: that
-    # follows the thread that spawned the worker, not the process.)
+    # A worker outlives nothing: when the ingesting process dies (kill -9 too), its
+    # end of the pipe closes, and a worker busy with a batch sees it within half a
+    # second. (Not the kernel's parent-death signal: that follows the thread that
+    # spawned the worker, not the process.)
     threading.Thread(target=_watch_parent, args=(parent,), daemon=True).start()
+    while True:
+        try:
+            seq, raws = pickle.loads(requests.recv_bytes())
+        except (EOFError, OSError):
+            return
+        answer: tuple[int, bool, Any]
+        try:
+            fr = front.run(raws)
+            answer = (seq, True, tuple(getattr(fr, f) for f in _FIELDS))
+        except Exception as err:  # the ingesting process does the batch itself
+            answer = (seq, False, f"{type(err).__name__}: {err}")
+        results.send_bytes(pickle.dumps(answer, protocol=5))
 
 
 def _watch_parent(parent: int) -> None:
@@ -222,85 +243,135 @@ def _watch_parent(parent: int) -> None:
     os._exit(0)
 
 
-def _run_in_worker(raws: list[bytes | dict[str, Any]]) -> Fronted:
-    assert _WORKER_FRONT is not None
-    return _WORKER_FRONT.run(raws)
-
-
 _PIPE_BYTES = 1 << 20
 
 
-def _widen_pipes(pool: ProcessPoolExecutor) -> None:
-    """A batch's results (about 200 KB of 256 records: sketches are 512 bytes a
-    record) fill a pipe of the default 64 KB three times over, and the worker
-    waits in its write for the pool's reader thread, which waits for this
-    process's GIL. With room for the whole batch it writes and goes on (Linux:
-    F_SETPIPE_SZ, up to pipe-max-size, 1 MiB by default). Elsewhere, or where it
-    is refused, the pipes stay as they are (slower, the same results)."""
+def _widen(conn: Connection) -> None:
+    """Room in the pipe for whole batches: a batch's results (about 200 KB of 256
+    records: sketches are 512 bytes a record) would fill a pipe of the default
+    64 KB three times over, the worker waiting in its write until this process
+    reads (Linux: F_SETPIPE_SZ, up to pipe-max-size, 1 MiB by default). Elsewhere,
+    or where it is refused, the pipe stays as it is (slower, the same results)."""
     setpipe = getattr(fcntl, "F_SETPIPE_SZ", None) if fcntl is not None else None
-    if setpipe is None:
-        return
-    for queue in (
-        getattr(pool, "_result_queue", None),
-        getattr(pool, "_call_queue", None),
-    ):
-        reader = getattr(queue, "_reader", None)
-        with contextlib.suppress(AttributeError, OSError):
-            fcntl.fcntl(reader.fileno(), setpipe, _PIPE_BYTES)  # type: ignore[union-attr]
+    if setpipe is not None:
+        with contextlib.suppress(OSError):
+            fcntl.fcntl(conn.fileno(), setpipe, _PIPE_BYTES)
+
+
+@dataclass
+class _Worker:
+    process: multiprocessing.process.BaseProcess
+    requests: Connection  # this end writes
+    results: Connection  # this end reads
+    sent: int = 0  # requests sent
+    answered: int = 0  # answers read
+
+
+@dataclass(frozen=True)
+class Pending:
+    """A batch handed to a worker: ``FrontPool.result`` gets its answer."""
+
+    worker: int
+    seq: int
 
 
 class FrontPool:
     """``Front.run`` in ``workers`` spawned processes (spawned, not forked: the
-    agent has gRPC threads). Results come back as futures."""
+    agent has gRPC threads), each with a pipe each way and no threads of ours:
+    a batch goes out as one pickled message from the ingesting thread and its
+    answer is read there when it is needed (measured against a
+    ProcessPoolExecutor, whose feeder and manager threads pickled, read and woke
+    this process's threads each batch: see bench/RESULTS.md). Batches go to the
+    workers in turn; each worker answers in order.
+
+    A worker that dies is noticed by the end of its result pipe (this process
+    keeps no copy of the worker's ends): ``result`` raises ``BrokenProcessPool``
+    then, also for an answer cut off half-way, and the caller checks the batch
+    itself."""
 
     def __init__(self, front: Front, workers: int) -> None:
-        self.workers = workers
-        self.pool = ProcessPoolExecutor(
-            workers,
-            mp_context=multiprocessing.get_context("spawn"),
-            initializer=_start_worker,
-            initargs=(
-                front.gate.settings,
-                front.keys,
-                front.num_perm,
-                front.seed,
-                os.getpid(),
-            ),
-        )
+        ctx = multiprocessing.get_context("spawn")
+        self._workers: list[_Worker] = []
+        self._turn = 0
+        try:
+            for _ in range(workers):
+                req_r, req_w = ctx.Pipe(duplex=False)
+                res_r, res_w = ctx.Pipe(duplex=False)
+                for conn in (req_w, res_r):
+                    _widen(conn)
+                proc = ctx.Process(
+                    target=_serve,
+                    args=(
+                        req_r,
+                        res_w,
+                        front.gate.settings,
+                        front.keys,
+                        front.num_perm,
+                        front.seed,
+                        os.getpid(),
+                    ),
+                    daemon=True,
+                    name="fedstream-ingest-worker",
+                )
+                proc.start()
+                req_r.close()  # the worker's ends: only the worker holds them
+                res_w.close()
+                self._workers.append(_Worker(proc, req_w, res_r))
+        except BaseException:
+            self.close()
+            raise
 
-        _widen_pipes(self.pool)
+    @property
+    def pids(self) -> list[int]:
+        return [w.process.pid for w in self._workers if w.process.pid is not None]
 
-    def submit(self, raws: list[bytes | dict[str, Any]]) -> Future[Fronted]:
-        return self.pool.submit(_run_in_worker, raws)
+    def submit(self, raws: list[bytes | dict[str, Any]]) -> Pending:
+        """Hand ``raws`` to the next worker; raises ``BrokenProcessPool`` when it
+        is gone."""
+        if not self._workers:
+            raise BrokenProcessPool("the ingest workers are closed")
+        index = self._turn
+        self._turn = (index + 1) % len(self._workers)
+        w = self._workers[index]
+        try:
+            w.requests.send_bytes(pickle.dumps((w.sent, raws), protocol=5))
+        except OSError as err:
+            raise BrokenProcessPool(f"ingest worker {w.process.pid} is gone") from err
+        w.sent += 1
+        return Pending(index, w.sent - 1)
 
-    def result(self, future: Future[Fronted]) -> Fronted:
-        """``future.result()``, raising instead of hanging when a worker died.
-
-        A worker killed while it writes its result leaves part of a message in
-        the result pipe: the pool's reader thread then waits for the rest
-        forever (the pipe's write end stays open in this process), and no future
-        ever completes. So while a result is awaited the workers are checked;
-        once one is gone and the pool has not noticed within a moment, the
-        pipe's write end here is closed: the reader sees its end, and the pool
-        fails its futures as broken (the caller then does the batch itself)."""
-        grace = 0.0
+    def result(self, pending: Pending) -> Fronted:
+        """The answer to ``pending`` (answers to batches handed over before it and
+        not asked for, by a stream that stopped early, are read and dropped)."""
+        w = self._workers[pending.worker] if self._workers else None
+        if w is None:
+            raise BrokenProcessPool("the ingest workers are closed")
         while True:
             try:
-                return future.result(timeout=0.25)
-            except FutureTimeout:
-                pass
-            procs = getattr(self.pool, "_processes", None) or {}
-            if all(p.is_alive() for p in list(procs.values())):
-                grace = 0.0
+                while not w.results.poll(0.25):
+                    if not w.process.is_alive() and not w.results.poll(0):
+                        raise EOFError
+                seq, ok, answer = pickle.loads(w.results.recv_bytes())
+            except (EOFError, OSError) as err:  # dead, possibly half-way through
+                raise BrokenProcessPool(
+                    f"ingest worker {w.process.pid} died (exit code "
+                    f"{w.process.exitcode})"
+                ) from err
+            w.answered += 1
+            if seq < pending.seq:
                 continue
-            grace += 0.25
-            if grace >= 2.0:
-                self._cut()
-
-    def _cut(self) -> None:
-        writer = getattr(getattr(self.pool, "_result_queue", None), "_writer", None)
-        with contextlib.suppress(AttributeError, OSError):
-            writer.close()  # type: ignore[union-attr]
+            if not ok:
+                raise RuntimeError(f"ingest worker failed: {answer}")
+            return Fronted(*answer)
 
     def close(self) -> None:
-        self.pool.shutdown(wait=True, cancel_futures=True)
+        """Stop the workers: each sees its request pipe close and exits."""
+        workers, self._workers = self._workers, []
+        for w in workers:
+            w.requests.close()
+        for w in workers:
+            w.process.join(timeout=5)
+            if w.process.is_alive():
+                w.process.kill()
+                w.process.join(timeout=5)
+            w.results.close()

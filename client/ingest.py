@@ -59,6 +59,7 @@ from client.front import (
     Front,
     Fronted,
     FrontPool,
+    Pending,
     shingles,
     sketch_texts,
 )
@@ -374,7 +375,7 @@ class Ingestor:
         pool = self._pool
         assert pool is not None
         source = iter(batches)
-        ahead: deque[tuple[Any, Offsets, Future[Fronted] | None]] = deque()
+        ahead: deque[tuple[Any, Offsets, Pending | None]] = deque()
 
         def fill(upto: int) -> None:
             while len(ahead) < upto:
@@ -382,13 +383,13 @@ class Ingestor:
                 if nxt is None:
                     return
                 items, offsets = nxt
-                future = None
+                pending = None
                 if self._pool is pool:
                     try:
-                        future = pool.submit([raw for raw, _ in items])
+                        pending = pool.submit([raw for raw, _ in items])
                     except Exception as err:  # the pool broke: done here
                         lost(err)
-                ahead.append((items, offsets or {}, future))
+                ahead.append((items, offsets or {}, pending))
 
         def lost(err: Exception) -> None:
             log.warning("ingest worker failed (%s); checking batches here", err)
@@ -398,11 +399,11 @@ class Ingestor:
 
         fill(1)
         while ahead:
-            items, offsets, future = ahead.popleft()
+            items, offsets, pending = ahead.popleft()
             fill(self.workers + 1)  # the workers stay busy while this one is decided
             fronted: Fronted | None = None
             try:
-                fronted = pool.result(future) if future is not None else None
+                fronted = pool.result(pending) if pending is not None else None
             except Exception as err:  # a worker lost: the same function, here
                 lost(err)
             yield items, offsets, fronted
@@ -412,8 +413,8 @@ class Ingestor:
         wait until they are ready."""
         if self.workers and self._pool is None:
             self._pool = FrontPool(self.front, self.workers)
-            for future in [self._pool.submit([]) for _ in range(self.workers)]:
-                future.result()
+            for pending in [self._pool.submit([]) for _ in range(self.workers)]:
+                self._pool.result(pending)
 
     def close(self) -> None:
         """Stop the worker processes, if any."""

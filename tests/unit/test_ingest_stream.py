@@ -248,15 +248,15 @@ def test_a_stream_through_worker_processes_decides_the_same(tmp_path):
     try:
         stream.start_workers()
         if hasattr(fcntl, "F_GETPIPE_SZ"):  # Linux: a batch's results fit the pipe
-            pool = stream._pool.pool
-            for queue in (pool._result_queue, pool._call_queue):
-                size = fcntl.fcntl(queue._reader.fileno(), fcntl.F_GETPIPE_SZ)
+            (worker,) = stream._pool._workers
+            for conn in (worker.requests, worker.results):
+                size = fcntl.fcntl(conn.fileno(), fcntl.F_GETPIPE_SZ)
                 assert size >= 1 << 20
         got = []
         for i, acks in enumerate(stream.submit_stream((b, None) for b in batches)):
             got.append(_summary(acks))
             if i == 2:
-                for pid in list(stream._pool.pool._processes):
+                for pid in stream._pool.pids:
                     os.kill(pid, signal.SIGKILL)
         assert got == expected
         assert stream._pool is None and stream.workers == 1  # restarted next stream
@@ -277,7 +277,7 @@ def main():
     ing = Ingestor(Store(Path(sys.argv[2]) / "w.db", load_key(Path(sys.argv[2]) / "k")),
                    workers=1)
     ing.start_workers()
-    print(*ing._pool.pool._processes, flush=True)
+    print(*ing._pool.pids, flush=True)
     time.sleep(60)
 if __name__ == "__main__":
     main()
@@ -386,30 +386,39 @@ def test_pii_counters_count_the_stored_records_only(tmp_path):
 
 def test_a_worker_killed_mid_answer_fails_the_batch_instead_of_hanging(tmp_path):
     """A worker killed while it writes its result leaves half a message in the
-    result pipe, and the pool's reader waits for the rest forever. FrontPool.result
-    notices the dead worker and raises (the stream then checks the batch itself)
-    instead of hanging. The half message is made by hand: the worker is stopped,
-    a message header promising 1,000 bytes is written, then the worker is killed."""
+    result pipe; a reader waiting for the rest would wait forever. FrontPool.result
+    sees the pipe's end (this process holds no copy of the worker's end) and raises
+    (the stream then checks the batch itself) instead of hanging. The half message
+    is made by hand: the worker is stopped, a message header promising 1,000 bytes
+    is written into its result pipe (opened through /proc), then it is killed."""
     import os
     import signal
+    import stat
     import struct
     import time
+    from concurrent.futures.process import BrokenProcessPool
 
     ing = Ingestor(_open(tmp_path), workers=1)
     try:
         ing.start_workers()
         pool = ing._pool
-        (pid,) = list(pool.pool._processes)
+        (pid,) = pool.pids
         os.kill(pid, signal.SIGSTOP)
-        os.write(pool.pool._result_queue._writer.fileno(), struct.pack("!i", 1000))
-        time.sleep(0.3)  # the pool's reader takes the header and waits for the rest
-        future = pool.submit([b'{"text": "never answered"}'])
+        pipe = os.fstat(pool._workers[0].results.fileno()).st_ino
+        fds = [f"/proc/{pid}/fd/{fd}" for fd in os.listdir(f"/proc/{pid}/fd")]
+        (end,) = [
+            f
+            for f in fds
+            if stat.S_ISFIFO(os.stat(f).st_mode) and os.stat(f).st_ino == pipe
+        ]
+        writer = os.open(end, os.O_WRONLY)
+        os.write(writer, struct.pack("!i", 1000) + b"half")
+        os.close(writer)
+        pending = pool.submit([b'{"text": "never answered"}'])
         os.kill(pid, signal.SIGKILL)
         start = time.monotonic()
-        from concurrent.futures.process import BrokenProcessPool
-
         with pytest.raises(BrokenProcessPool):
-            pool.result(future)
+            pool.result(pending)
         assert time.monotonic() - start < 15
         # the stream goes on without the pool: every batch checked here
         batches = _batches(2)
