@@ -17,7 +17,9 @@ setup(
         Extension(
             "client._native",
             sources=["client/_native.c"],
+            depends=["client/aead.h"],
             extra_compile_args=["-O3", "-std=c11", "-Wall"],
+            libraries=["dl"] if sys.platform.startswith("linux") else [],
             optional=True,
         ),
         Extension(
@@ -29,6 +31,7 @@ setup(
         Extension(
             "client._seal",
             sources=["client/_seal.c"],
+            depends=["client/aead.h"],
             extra_compile_args=["-O3", "-std=c11", "-Wall"],
             libraries=["dl"] if sys.platform.startswith("linux") else [],
             optional=True,

@@ -30,6 +30,19 @@ def keyed_hashes(key: bytes, prefix: bytes, items: Sequence[str], /) -> list[byt
 def record_keys(
     key: bytes, cleans: Sequence[tuple[object, ...]], /
 ) -> tuple[bytes, bytes, bytes, bytes]: ...
+def front_batch(
+    raws: Sequence[object],
+    max_raw: int,
+    max_text: int,
+    max_tags: int,
+    max_field: int,
+    mac_key: bytes,
+    store_key: bytes,
+    nonces: bytes,
+    num_perm: int,
+    seed: int,
+    /,
+) -> tuple[bytes, bytes, bytes, bytes, bytes, bytes, bytes, bytes] | None: ...
 def sha_extensions() -> bool: ...
 def use_sha_extensions(on: bool, /) -> bool: ...
 def token_hash(data: bytes, /) -> int: ...

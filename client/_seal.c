@@ -10,59 +10,16 @@
  * back back to back, with their n + 1 start offsets as native uint64 (an
  * array('Q')).
  *
- * The cipher is OpenSSL's libcrypto (the one Python's own _hashlib and
- * cryptography's wheels build against), loaded at the first call: no headers or
- * link flags at build time. None (and the caller's Python path) where it cannot be
- * loaded, or where a content is not of that plain shape (any other value type,
+ * The cipher is OpenSSL's libcrypto, loaded at the first call (client/aead.h).
+ * None (and the caller's Python path) where it cannot be loaded, or where a content is not of that plain shape (any other value type,
  * a string that is not valid UTF-8). The encryption runs without the GIL.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
-#include <dlfcn.h>
 #include <stdint.h>
 #include <string.h>
 
-typedef struct evp_cipher_ctx EVP_CIPHER_CTX;
-typedef struct evp_cipher EVP_CIPHER;
-typedef struct engine ENGINE;
-
-static EVP_CIPHER_CTX *(*ctx_new)(void);
-static void (*ctx_free)(EVP_CIPHER_CTX *);
-static const EVP_CIPHER *(*aes_256_gcm)(void);
-static int (*encrypt_init)(EVP_CIPHER_CTX *, const EVP_CIPHER *, ENGINE *,
-                           const unsigned char *, const unsigned char *);
-static int (*encrypt_update)(EVP_CIPHER_CTX *, unsigned char *, int *,
-                             const unsigned char *, int);
-static int (*encrypt_final)(EVP_CIPHER_CTX *, unsigned char *, int *);
-static int (*ctx_ctrl)(EVP_CIPHER_CTX *, int, int, void *);
-
-#define CTRL_GCM_GET_TAG 0x10
-#define NONCE 12
-#define TAG 16
-#define AAD 16
-
-static int crypto_state; /* 0: not tried, 1: loaded, -1: not available */
-
-static int load_crypto(void) {
-    if (crypto_state) return crypto_state;
-    static const char *names[] = {"libcrypto.so.3", "libcrypto.so", "libcrypto.dylib"};
-    void *lib = NULL;
-    for (size_t i = 0; i < sizeof names / sizeof *names && !lib; i++)
-        lib = dlopen(names[i], RTLD_NOW | RTLD_LOCAL);
-    crypto_state = -1;
-    if (!lib) return crypto_state;
-    *(void **)&ctx_new = dlsym(lib, "EVP_CIPHER_CTX_new");
-    *(void **)&ctx_free = dlsym(lib, "EVP_CIPHER_CTX_free");
-    *(void **)&aes_256_gcm = dlsym(lib, "EVP_aes_256_gcm");
-    *(void **)&encrypt_init = dlsym(lib, "EVP_EncryptInit_ex");
-    *(void **)&encrypt_update = dlsym(lib, "EVP_EncryptUpdate");
-    *(void **)&encrypt_final = dlsym(lib, "EVP_EncryptFinal_ex");
-    *(void **)&ctx_ctrl = dlsym(lib, "EVP_CIPHER_CTX_ctrl");
-    if (ctx_new && ctx_free && aes_256_gcm && encrypt_init && encrypt_update &&
-        encrypt_final && ctx_ctrl)
-        crypto_state = 1;
-    return crypto_state;
-}
+#include "aead.h"
 
 /* ---- compact JSON of a plain content dict ---------------------------------------- */
 
@@ -213,24 +170,18 @@ static PyObject *py_seal_many(PyObject *Py_UNUSED(mod), PyObject *args) {
     const unsigned char *pt = (const unsigned char *)json.p;
     int ok = 1;
     Py_BEGIN_ALLOW_THREADS
-    EVP_CIPHER_CTX *ctx = ctx_new();
-    ok = ctx && encrypt_init(ctx, aes_256_gcm(), NULL, k, NULL) == 1;
+    EVP_CIPHER_CTX *ctx = aead_begin(k);
+    ok = ctx != NULL;
     size_t at = 0, from = 0;
     for (Py_ssize_t j = 0; ok && j < n; j++) {
-        int len = (int)(ends[j] - from), got = 0, fin = 0, dummy = 0;
+        int len = (int)(ends[j] - from);
         st[j] = at;
-        memcpy(out + at, iv + NONCE * j, NONCE);
-        ok = encrypt_init(ctx, NULL, NULL, NULL, iv + NONCE * j) == 1 &&
-             encrypt_update(ctx, NULL, &dummy, aad + AAD * j, AAD) == 1 &&
-             encrypt_update(ctx, out + at + NONCE, &got, pt + from, len) == 1 &&
-             encrypt_final(ctx, out + at + NONCE + got, &fin) == 1 &&
-             got + fin == len &&
-             ctx_ctrl(ctx, CTRL_GCM_GET_TAG, TAG, out + at + NONCE + len) == 1;
+        ok = aead_seal(ctx, iv + NONCE * j, aad + AAD * j, pt + from, len, out + at);
         at += NONCE + (size_t)len + TAG;
         from = ends[j];
     }
     st[n] = at;
-    if (ctx) ctx_free(ctx);
+    aead_end(ctx);
     Py_END_ALLOW_THREADS
     if (!ok) {
         PyErr_SetString(PyExc_RuntimeError, "seal_many(): libcrypto's AES-GCM failed");

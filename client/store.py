@@ -48,7 +48,7 @@ from common.errors import FedstreamError
 try:
     from client._seal import seal_many as _seal_natively
 except ImportError:  # not built: cryptography's AESGCM a record
-    _seal_natively = None
+    _seal_natively = None  # type: ignore[assignment]
 
 try:
     from client._native import dedup_keys, keyed_hashes, sort_keys
