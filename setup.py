@@ -12,29 +12,26 @@ import sys
 
 from setuptools import Extension, setup
 
+# client/aead.h loads libcrypto at run time (dlopen: libdl on older glibc)
+_DL = ["dl"] if sys.platform.startswith("linux") else []
+_HEADERS = ["client/aead.h", "client/json_out.h"]
+
+
+def _extension(name: str, libraries: list[str]) -> Extension:
+    return Extension(
+        f"client.{name}",
+        sources=[f"client/{name}.c"],
+        depends=_HEADERS,
+        extra_compile_args=["-O3", "-std=c11", "-Wall"],
+        libraries=libraries,
+        optional=True,
+    )
+
+
 setup(
     ext_modules=[
-        Extension(
-            "client._native",
-            sources=["client/_native.c"],
-            depends=["client/aead.h"],
-            extra_compile_args=["-O3", "-std=c11", "-Wall"],
-            libraries=["dl"] if sys.platform.startswith("linux") else [],
-            optional=True,
-        ),
-        Extension(
-            "client._pii",
-            sources=["client/_pii.c"],
-            extra_compile_args=["-O3", "-std=c11", "-Wall"],
-            optional=True,
-        ),
-        Extension(
-            "client._seal",
-            sources=["client/_seal.c"],
-            depends=["client/aead.h"],
-            extra_compile_args=["-O3", "-std=c11", "-Wall"],
-            libraries=["dl"] if sys.platform.startswith("linux") else [],
-            optional=True,
-        ),
+        _extension("_native", _DL),
+        _extension("_pii", []),
+        _extension("_seal", _DL),
     ]
 )

@@ -15,6 +15,7 @@
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 #include "aead.h"
+#include "json_out.h"
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -2296,50 +2297,9 @@ done:
  * len(positions) + 1 uint64 offsets of the payloads. None where libcrypto cannot be
  * loaded. */
 
-typedef struct {
-    unsigned char *p;
-    size_t n, cap;
-} Bytes;
-
-static int bytes_room(Bytes *b, size_t more) {
-    if (b->n + more <= b->cap) return 0;
-    size_t cap = b->cap ? b->cap : 65536;
-    while (cap < b->n + more) cap *= 2;
-    unsigned char *p = PyMem_Realloc(b->p, cap);
-    if (!p) return -1;
-    b->p = p;
-    b->cap = cap;
-    return 0;
-}
-
-/* a JSON string of ASCII s (as orjson writes it): room for 6 bytes a byte + 2 */
+/* a JSON string of ASCII s (client/json_out.h) */
 static unsigned char *json_ascii(unsigned char *o, const char *s, Py_ssize_t n) {
-    static const char hex[] = "0123456789abcdef";
-    *o++ = '"';
-    for (Py_ssize_t i = 0; i < n; i++) {
-        unsigned char c = (unsigned char)s[i];
-        if (c >= 0x20 && c != '"' && c != '\\') {
-            *o++ = c;
-            continue;
-        }
-        *o++ = '\\';
-        switch (c) {
-        case '"': *o++ = '"'; break;
-        case '\\': *o++ = '\\'; break;
-        case '\n': *o++ = 'n'; break;
-        case '\r': *o++ = 'r'; break;
-        case '\t': *o++ = 't'; break;
-        case '\b': *o++ = 'b'; break;
-        case '\f': *o++ = 'f'; break;
-        default:
-            memcpy(o, "u00", 3);
-            o += 3;
-            *o++ = (unsigned char)hex[c >> 4];
-            *o++ = (unsigned char)hex[c & 15];
-        }
-    }
-    *o++ = '"';
-    return o;
+    return json_string(o, (const unsigned char *)s, (size_t)n);
 }
 
 /* {"text":..,"label":..,"id":..,"tags":[..]}: client.gate's content in its key order */

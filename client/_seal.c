@@ -20,29 +20,12 @@
 #include <string.h>
 
 #include "aead.h"
+#include "json_out.h"
 
 /* ---- compact JSON of a plain content dict ---------------------------------------- */
 
-typedef struct {
-    char *p;
-    size_t n, cap;
-} Buf;
-
-static int grow(Buf *b, size_t more) {
-    if (b->n + more <= b->cap) return 0;
-    size_t cap = b->cap ? b->cap : 4096;
-    while (cap < b->n + more) cap *= 2;
-    char *p = PyMem_Realloc(b->p, cap);
-    if (!p) return -1;
-    b->p = p;
-    b->cap = cap;
-    return 0;
-}
-
-static const char HEX[] = "0123456789abcdef";
-
 /* 0: written; 1: not a plain string (the caller's Python path); -1: no memory */
-static int put_str(Buf *b, PyObject *s) {
+static int put_str(Bytes *b, PyObject *s) {
     if (!PyUnicode_Check(s)) return 1;
     Py_ssize_t len;
     const char *u = PyUnicode_AsUTF8AndSize(s, &len); /* cached; ASCII: the data */
@@ -50,45 +33,20 @@ static int put_str(Buf *b, PyObject *s) {
         PyErr_Clear(); /* e.g. a lone surrogate */
         return 1;
     }
-    if (grow(b, 6 * (size_t)len + 2) < 0) return -1; /* \u00XX: 6 bytes at most */
-    char *o = b->p + b->n;
-    *o++ = '"';
-    for (Py_ssize_t i = 0; i < len; i++) {
-        unsigned char c = (unsigned char)u[i];
-        if (c >= 0x20 && c != '"' && c != '\\') {
-            *o++ = (char)c;
-            continue;
-        }
-        *o++ = '\\';
-        switch (c) {
-        case '"': *o++ = '"'; break;
-        case '\\': *o++ = '\\'; break;
-        case '\n': *o++ = 'n'; break;
-        case '\r': *o++ = 'r'; break;
-        case '\t': *o++ = 't'; break;
-        case '\b': *o++ = 'b'; break;
-        case '\f': *o++ = 'f'; break;
-        default:
-            *o++ = 'u';
-            *o++ = '0';
-            *o++ = '0';
-            *o++ = HEX[c >> 4];
-            *o++ = HEX[c & 15];
-        }
-    }
-    *o++ = '"';
-    b->n = (size_t)(o - b->p);
+    if (bytes_room(b, 6 * (size_t)len + 2) < 0) return -1; /* \u00XX: 6 bytes at most */
+    unsigned char *end = json_string(b->p + b->n, (const unsigned char *)u, (size_t)len);
+    b->n = (size_t)(end - b->p);
     return 0;
 }
 
-static int put_char(Buf *b, char c) {
-    if (grow(b, 1) < 0) return -1;
-    b->p[b->n++] = c;
+static int put_char(Bytes *b, char c) {
+    if (bytes_room(b, 1) < 0) return -1;
+    b->p[b->n++] = (unsigned char)c;
     return 0;
 }
 
 /* the content as {"key":value,...} in its key order (as orjson.dumps writes it) */
-static int put_content(Buf *b, PyObject *d) {
+static int put_content(Bytes *b, PyObject *d) {
     if (!PyDict_CheckExact(d)) return 1;
     Py_ssize_t pos = 0;
     PyObject *k, *v;
@@ -120,7 +78,7 @@ static PyObject *py_seal_many(PyObject *Py_UNUSED(mod), PyObject *args) {
     PyObject *contents;
     if (!PyArg_ParseTuple(args, "y*Oy*y*", &key, &contents, &aads, &nonces)) return NULL;
     PyObject *seq = NULL, *result = NULL, *payloads = NULL, *starts = NULL;
-    Buf json = {0};
+    Bytes json = {0};
     size_t *ends = NULL;
     if (key.len != 32) {
         PyErr_SetString(PyExc_ValueError, "seal_many(): a 32-byte key");
@@ -167,7 +125,7 @@ static PyObject *py_seal_many(PyObject *Py_UNUSED(mod), PyObject *args) {
     unsigned char *out = (unsigned char *)PyBytes_AS_STRING(payloads);
     uint64_t *st = (uint64_t *)PyBytes_AS_STRING(starts);
     const unsigned char *k = key.buf, *aad = aads.buf, *iv = nonces.buf;
-    const unsigned char *pt = (const unsigned char *)json.p;
+    const unsigned char *pt = json.p;
     int ok = 1;
     Py_BEGIN_ALLOW_THREADS
     EVP_CIPHER_CTX *ctx = aead_begin(k);
