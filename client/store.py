@@ -182,7 +182,7 @@ INSERT INTO records(seq, rid, chash, grp, arrived, ts, payload)
   SELECT j.key AS k, j.value AS n, SUM(j.value) OVER (ORDER BY j.key) AS e
   FROM json_each(CASE WHEN NEW.plain THEN NEW.rows ELSE '[]' END) AS j);
 END"""
-_PUT = f"INSERT INTO put_batch VALUES ({', '.join('?' * len(_PUT_COLUMNS))})"
+_PUT = f"INSERT INTO put_batch VALUES ({', '.join(':' + c for c in _PUT_COLUMNS)})"
 
 
 class StoreError(FedstreamError):
@@ -690,37 +690,37 @@ class Store:
                     )
                 ]
             ).decode()
-        params: list[Any] = [
-            n,
-            batch.decided_at if n else None,
-            0,  # first seq: set below
-            batch.rids,
-            batch.chashes,
-            batch.groups,
-            now,
-            batch.payloads,
-            plain,
-            rows,
-            keys,
-            KEY_WIDTH * DEDUP_BLOCK_KEYS,  # a block of keys
-            orjson.dumps(qrows).decode(),
-            b"".join(qpay),
-            orjson.dumps(batch.counters).decode(),
-            orjson.dumps(batch.offsets).decode(),
-        ]
+        params: dict[str, Any] = {
+            "n": n,
+            "expect": batch.decided_at if n else None,
+            "first": 0,  # set under the write lock, below
+            "rids": batch.rids,
+            "chashes": batch.chashes,
+            "grps": batch.groups,
+            "now": now,
+            "payloads": batch.payloads,
+            "plain": plain,
+            "rows": rows,
+            "dkeys": keys,
+            "dstep": KEY_WIDTH * DEDUP_BLOCK_KEYS,  # a block of keys
+            "qrows": orjson.dumps(qrows).decode(),
+            "qpay": b"".join(qpay),
+            "counters": orjson.dumps(batch.counters).decode(),
+            "offsets": orjson.dumps(batch.offsets).decode(),
+        }
 
         def finish() -> list[int]:
             cur = self.db.cursor()
             try:
                 merge = n and self._runs_since_merge + 1 >= DEDUP_FANOUT
-                if merge or self.quota_bytes or (n and params[1] is None):
+                if merge or self.quota_bytes or (n and params["expect"] is None):
                     # the quota (a sum over the store: only where one is set) or
                     # the seqs (no check asked) are read under the write lock, and
                     # every DEDUP_FANOUT batches the dedup runs are merged in it
                     cur.execute("BEGIN IMMEDIATE")
-                    if params[1] is None and n:
-                        params[1] = self._high_water(cur)
-                    adding = len(batch.payloads) + len(params[13])
+                    if params["expect"] is None and n:
+                        params["expect"] = self._high_water(cur)
+                    adding = len(batch.payloads) + len(params["qpay"])
                     if self.quota_bytes and (
                         self.bytes_used() + adding > self.quota_bytes
                     ):
@@ -729,8 +729,8 @@ class Store:
                             "bytes); raise store.quota_bytes or lower "
                             "store.retention_days"
                         )
-                top = params[1] or 0
-                params[2] = top + 1
+                top = params["expect"] or 0
+                params["first"] = top + 1
                 try:
                     cur.execute(_PUT, params)
                 except sqlite3.IntegrityError as err:
