@@ -352,8 +352,7 @@ class _Worker:
     process: multiprocessing.process.BaseProcess
     requests: Connection  # this end writes
     results: Connection  # this end reads
-    sent: int = 0  # requests sent
-    answered: int = 0  # answers read
+    sent: int = 0  # requests sent (each answer carries its request's number)
 
 
 @dataclass(frozen=True)
@@ -446,7 +445,6 @@ class FrontPool:
                     f"ingest worker {w.process.pid} died (exit code "
                     f"{w.process.exitcode})"
                 ) from err
-            w.answered += 1
             if seq < pending.seq:
                 continue
             if not ok:
